@@ -248,7 +248,7 @@ class MBTConfig:
             bottlenecks=fu["bottlenecks"],
             hidden=fu["hidden"],
             heads=fu["heads"],
-            head_dim=fu.get("head_dim"),
+            head_dim=None if fu.get("head_dim") in (None, fu["hidden"] // fu["heads"]) else fu["head_dim"],
             mlp=fu["mlp"],
             classifier=fu.get("classifier", "token"),
         )
