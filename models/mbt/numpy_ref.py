@@ -101,7 +101,10 @@ def mbt_forward(params, video=None, audio=None, *, fusion_layer, use_bottleneck=
     bottleneck = np.tile(p["bottleneck"], [n, 1, 1]) if use_bottleneck else None
     for m in mods:
         x[m] = x[m] + tr["posembed_input" + ("" if m == "rgb" else "_" + m)]["pos_embedding"]
-    num_layers = len([k for k in tr if k.startswith("encoderblock_") and k[len("encoderblock_"):].isdigit()])
+    num_layers = max(
+        len([k for k in tr if k.startswith("encoderblock_") and k[len("encoderblock_"):].isdigit()]),
+        len([k for k in tr if k.startswith("encoderblock_") and k.endswith("_spectrogram")]),
+    )
     x_combined = None
     for lyr in range(num_layers):
         enc = {}
