@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mbt flops", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="vit-base", help="vit-base (the paper's setting) or edge-small")
     args = ap.parse_args(argv)
+    # vit-base: AudioSet's 527 classes (the head is a negligible part of the count).
     cfg = preset(args.preset, labels=[f"c{i}" for i in range(527)]) if args.preset == "vit-base" else preset(args.preset)
     print(paper_table(cfg))
-    if args.preset != "vit-base":
-        return 0
     return 0
