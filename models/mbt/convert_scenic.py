@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single-label", action="store_true", help="softmax classes (VGGSound); default multi-label")
     ap.add_argument("--name")
     ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--save-pt", help="also save the PyTorch weights here (train --init / export --checkpoint format)")
     args = ap.parse_args(argv)
 
     overrides: dict[str, Any] = {}
@@ -297,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.checkpoint)
     cfg = infer_config(params, fusion_layer=fusion_layer, overrides=overrides)
     model = build_model(params, cfg)
+    if args.save_pt:
+        import torch
+
+        torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, args.save_pt)
 
     from .export import export_onnx
 

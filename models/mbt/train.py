@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restandardise", action="store_true",
                     help="re-estimate the audio mean/std from the training windows; the model is exported with them")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--init", help="start from these weights (a train checkpoint or convert-scenic --save-pt); "
+                                   "its architecture replaces --preset; tensors whose shape changed are re-initialised")
     ap.add_argument("--export", help="after training, export OUT/best.pt to this NAME.onnx")
     ap.add_argument("--name", help="model name in the exported metadata")
     ap.add_argument("--threads", type=int, default=2)
@@ -369,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         audio_affine = ck.get("audio_affine")
     else:
         ck = None
-        base = preset(args.preset)
+        init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init else None
+        base = MBTConfig.from_dict(init["config"]) if init else preset(args.preset)
         if args.config:
             over = json.loads(Path(args.config).read_text())
             base = MBTConfig.from_dict({**base.to_dict(), **over})
@@ -390,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(audio_mean=mean1, audio_std=std1).validate()
 
     tr = Trainer(args, ds, cfg, train_idx, val_ds, val_idx, audio_affine)
+    if ck is None and args.init:
+        own = tr.model.state_dict()
+        keep = {k: v for k, v in init["model"].items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+        skipped = sorted(set(own) - set(keep))
+        tr.model.load_state_dict(keep, strict=False)
+        print(f"initialised from {args.init}; re-initialised: {skipped or 'nothing'}")
     if ck is not None:
         tr.load_state(ck)
         print(f"resumed at epoch {tr.epoch}")

@@ -76,3 +76,19 @@ def test_train_resume_export(tmp_path):
     # Re-standardised from the data: raw = x * 3 - 2 has mean about -2 +- 1.5 and std about 3.
     assert md["audio"]["mean"] != -2.0 and 1.5 < md["audio"]["std"] < 5.0
     assert md["fusion"]["hidden"] == 32 and md["fusion"]["layers"] == 2
+
+
+def test_init_from_weights(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from mbt import train
+    from mbt.model import MBT
+
+    make_dataset(tmp_path / "d")
+    src = tiny(labels=["dog", "doorbell"], hidden=32, heads=2, mlp=64, layers=2, fusion_layer=1)
+    model = MBT(src)
+    torch.save({"config": src.to_dict(), "model": model.state_dict()}, tmp_path / "init.pt")
+    rc = train.main([str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--init", str(tmp_path / "init.pt"),
+                     "--labels", "dog,doorbell,cat", "--epochs", "1", "--threads", "1", "--batch-size", "8"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "re-initialised: ['head.bias', 'head.weight']" in out
