@@ -239,7 +239,7 @@ def to_state_dict(params: dict, cfg) -> dict[str, np.ndarray]:
     s["encoder_norm.bias"] = tr["encoder_norm"]["bias"]
     s["head.weight"] = params["output_projection"]["kernel"].T
     s["head.bias"] = params["output_projection"]["bias"]
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in s.items()}
+    return {k: np.array(v, dtype=np.float32, order="C", copy=True) for k, v in s.items()}
 
 
 def build_model(params: dict, cfg):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,10 @@ def export_onnx(model, out_path: str | os.PathLike, *, parity_batch: int = 2, se
     names_in, names_out = model.input_names(), model.output_names()
     args = tuple(torch.from_numpy(inputs[n]) for n in names_in)
     dynamic = {n: {0: "batch"} for n in names_in + names_out}
-    with torch.no_grad():
+    # The TorchScript exporter (dynamo=False) is deprecated upstream but gives the plain,
+    # single-file graph tract wants; silence its deprecation notices.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model, args, str(out_path),
             input_names=names_in, output_names=names_out, dynamic_axes=dynamic,
