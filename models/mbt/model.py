@@ -34,19 +34,24 @@ class Attention(nn.Module):
         self.value = nn.Linear(hidden, inner)
         self.out = nn.Linear(inner, hidden)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, _ = x.shape
-        return x.reshape(n, t, self.heads, self.head_dim).transpose(1, 2)
+    def _split(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
+        return x.reshape(-1, tokens, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Queries from `x`, keys/values from `context` (default `x`)."""
-        context = x if context is None else context
-        q = self._split(self.query(x)) * (1.0 / math.sqrt(self.head_dim))
-        k = self._split(self.key(context))
-        v = self._split(self.value(context))
+    def forward(self, x: torch.Tensor, tokens: int, context: torch.Tensor | None = None,
+                context_tokens: int | None = None) -> torch.Tensor:
+        """Queries from `x`, keys/values from `context` (default `x`).
+
+        Token counts are passed as Python ints (they are fixed by the config) so that the
+        exported graph reshapes with constant shapes instead of Shape/Gather arithmetic.
+        """
+        if context is None:
+            context, context_tokens = x, tokens
+        q = self._split(self.query(x), tokens) * (1.0 / math.sqrt(self.head_dim))
+        k = self._split(self.key(context), context_tokens)
+        v = self._split(self.value(context), context_tokens)
         attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1)
         o = torch.matmul(attn, v).transpose(1, 2)
-        return self.out(o.reshape(o.shape[0], o.shape[1], self.heads * self.head_dim))
+        return self.out(o.reshape(-1, tokens, self.heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -63,16 +68,16 @@ class Block(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
         h = self.ln1(x)
-        return self.mlp(x + self.attn(h))
+        return self.mlp(x + self.attn(h, tokens))
 
-    def forward_with_context(self, x: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    def forward_with_context(self, x: torch.Tensor, tokens: int, others: torch.Tensor, other_tokens: int) -> torch.Tensor:
         """Scenic's cross-attention layer: self-attention over [others; x], keeping x's
         outputs. Only x's queries, MLP and residuals are computed (same result, cheaper)."""
         h = self.ln1(x)
         ctx = torch.cat([self.ln1(others), h], dim=1)
-        return self.mlp(x + self.attn(h, ctx))
+        return self.mlp(x + self.attn(h, tokens, ctx, tokens + other_tokens))
 
 
 class VideoEmbed(nn.Module):
@@ -81,19 +86,22 @@ class VideoEmbed(nn.Module):
     def __init__(self, cfg: MBTConfig):
         super().__init__()
         self.patch = cfg.video_patch
+        self.frames, self.height, self.width, self.hidden = cfg.frames, cfg.height, cfg.width, cfg.hidden
+        self.grid = cfg.video_grid
         self.proj = nn.Conv3d(3, cfg.hidden, kernel_size=self.patch, stride=self.patch)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        n, f = video.shape[0], video.shape[1]
+        f, d = self.frames, self.hidden
+        gt, gh, gw = self.grid
         pt, ph, pw = self.patch
         if pt == 1:
             # Per-frame 2D convolution: the same weights, a plainer graph for runtimes.
-            x = F.conv2d(video.flatten(0, 1), self.proj.weight[:, :, 0], self.proj.bias, stride=(ph, pw))
-            d, gh, gw = x.shape[1], x.shape[2], x.shape[3]
+            x = video.reshape(-1, 3, self.height, self.width)
+            x = F.conv2d(x, self.proj.weight[:, :, 0], self.proj.bias, stride=(ph, pw))
             x = x.reshape(-1, f, d, gh * gw).permute(0, 1, 3, 2)
             return x.reshape(-1, f * gh * gw, d)
         x = self.proj(video.permute(0, 2, 1, 3, 4))  # [N, d, F', H', W']
-        return x.flatten(2).transpose(1, 2)
+        return x.reshape(-1, d, gt * gh * gw).transpose(1, 2)
 
 
 class AudioEmbed(nn.Module):
@@ -102,9 +110,11 @@ class AudioEmbed(nn.Module):
     def __init__(self, cfg: MBTConfig):
         super().__init__()
         self.proj = nn.Conv2d(1, cfg.hidden, kernel_size=cfg.audio_patch, stride=cfg.audio_patch)
+        self.hidden = cfg.hidden
+        self.tokens = cfg.audio_grid[0] * cfg.audio_grid[1]
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        return self.proj(audio.unsqueeze(1)).flatten(2).transpose(1, 2)
+        return self.proj(audio.unsqueeze(1)).reshape(-1, self.hidden, self.tokens).transpose(1, 2)
 
 
 class MBT(nn.Module):
@@ -147,8 +157,7 @@ class MBT(nn.Module):
     def embed(self, m: str, x: torch.Tensor) -> torch.Tensor:
         x = getattr(self, f"{m}_embed")(x)
         if self.cfg.classifier == "token":
-            cls = getattr(self, f"{m}_cls").expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
+            x = torch.cat([_batch_like(x, getattr(self, f"{m}_cls")), x], dim=1)
         return x + getattr(self, f"{m}_pos")
 
     def encode(self, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -156,34 +165,35 @@ class MBT(nn.Module):
         cfg = self.cfg
         mods = self.modalities
         xs = dict(xs)
-        bneck = None
-        if len(mods) == 2 and cfg.fusion == "bottleneck":
-            bneck = self.bottleneck.expand(xs[mods[0]].shape[0], -1, -1)
+        tok = {m: cfg.n_tokens(m) for m in mods}  # Python ints: constant shapes in ONNX
+        bneck = None  # [N, B, d] once the first fusion layer has run
         joint = None  # vanilla: [audio; video] tokens, scenic's concatenation order
         for lyr in range(cfg.layers):
             if len(mods) == 1 or lyr < cfg.fusion_layer:
                 for m in mods:
-                    xs[m] = getattr(self, f"{m}_blocks")[lyr](xs[m])
+                    xs[m] = getattr(self, f"{m}_blocks")[lyr](xs[m], tok[m])
             elif cfg.fusion == "bottleneck":
+                b = cfg.bottlenecks
                 outs = []
                 for m in mods:
-                    t = xs[m].shape[1]
-                    out = getattr(self, f"{m}_blocks")[lyr](torch.cat([xs[m], bneck], dim=1))
-                    xs[m] = out[:, :t]
-                    outs.append(out[:, t:])
+                    shared = _batch_like(xs[m], self.bottleneck) if bneck is None else bneck
+                    inp = torch.cat([xs[m], shared], dim=1)
+                    out = getattr(self, f"{m}_blocks")[lyr](inp, tok[m] + b)
+                    xs[m] = out[:, : tok[m]]
+                    outs.append(out[:, tok[m]:])
                 bneck = (outs[0] + outs[1]) * 0.5
             elif cfg.fusion == "cross_attention":
                 new = {}
                 for m in mods:
-                    other = xs["audio" if m == "video" else "video"]
-                    new[m] = getattr(self, f"{m}_blocks")[lyr].forward_with_context(xs[m], other)
+                    o = "audio" if m == "video" else "video"
+                    new[m] = getattr(self, f"{m}_blocks")[lyr].forward_with_context(xs[m], tok[m], xs[o], tok[o])
                 xs = new
             else:  # vanilla
                 if joint is None:
                     joint = torch.cat([xs["audio"], xs["video"]], dim=1)
-                joint = self.video_blocks[lyr](joint)
+                joint = self.video_blocks[lyr](joint, tok["audio"] + tok["video"])
         if joint is not None:
-            ta = xs["audio"].shape[1]
+            ta = tok["audio"]
             xs = {"audio": joint[:, :ta], "video": joint[:, ta:]}
         return {m: self.encoder_norm(xs[m]) for m in mods}
 
@@ -222,6 +232,13 @@ class MBT(nn.Module):
             shape = (batch, cfg.frames, 3, cfg.height, cfg.width) if m == "video" else (batch, cfg.n_frames, cfg.n_mels)
             out.append(torch.randn(*shape, generator=generator))
         return tuple(out)
+
+
+def _batch_like(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`p` [1, K, d] repeated over x's batch. Written as a broadcast add to a zero slice of
+    x (Slice, Mul, Add) rather than expand(N, ...), which exports as Shape/Where/Expand
+    arithmetic on the symbolic batch size."""
+    return x[:, :1] * 0.0 + p
 
 
 def count_parameters(model: nn.Module) -> int:
