@@ -309,7 +309,21 @@ def edge_small(**changes: Any) -> MBTConfig:
     return cfg.replace(**changes).validate()
 
 
-PRESETS = {"vit-base": vit_base, "edge-small": edge_small}
+def tiny(**changes: Any) -> MBTConfig:
+    """A toy MBT for fixtures and the Rust tests (models/testdata): d=32, L=2, Lf=1, B=4,
+    4 frames of 32x32, 0.64 s of audio = 64 x 128 (edge-small's log-mel recipe); about
+    70 k parameters, a 0.3 MB ONNX file."""
+    cfg = MBTConfig(
+        name="mbt-tiny",
+        hidden=32, heads=2, mlp=64, layers=2, fusion_layer=1, bottlenecks=4,
+        labels=["background", "doorbell", "dog_bark"],
+        frames=4, height=32, width=32, video_patch=(1, 16, 16),
+        window_seconds=0.64, n_frames=64, n_mels=128, audio_patch=(16, 16),
+    )
+    return cfg.replace(**changes).validate()
+
+
+PRESETS = {"vit-base": vit_base, "edge-small": edge_small, "tiny": tiny}
 
 
 def preset(name: str, **changes: Any) -> MBTConfig:
