@@ -5,8 +5,9 @@ preprocessing. Options follow the paper/scenic: mixup or modality mixup, SpecAug
 plus modality dropout (a sense zeroed per sample) so the model degrades gracefully when
 a camera or microphone is lost. Loss: mean of the per-modality losses (scenic).
 A checkpoint is written every epoch (RUN/last.pt, RUN/best.pt); --resume continues.
-Evaluation reports fused, per-head (audio CLS / video CLS) and one-sense-lost scores:
-top-1 accuracy for single-label models, mAP for multi-label ones.
+Evaluation reports fused, per-head (audio CLS / video CLS) and one-sense-lost scores
+(the other sense zeroed: fused logits, and the surviving sense's head): top-1 accuracy
+for single-label models, mAP for multi-label ones.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ class Trainer:
         mods = self.model.modalities
         names = ["fused"] + [f"{m}_head" for m in self.model.output_modalities()]
         if len(mods) == 2:
-            names += ["audio_only", "video_only"]
+            names += ["audio_only", "audio_only_head", "video_only", "video_only_head"]
         scores = {k: [] for k in names}
         targets = []
         with torch.no_grad():
@@ -286,8 +287,12 @@ class Trainer:
                 if len(mods) == 2:
                     zv = torch.zeros_like(xs["video"])
                     za = torch.zeros_like(xs["audio"])
-                    scores["audio_only"].append(self.model(zv, xs["audio"])[0].numpy())
-                    scores["video_only"].append(self.model(xs["video"], za)[0].numpy())
+                    fused, head_a, _ = self.model(zv, xs["audio"])
+                    scores["audio_only"].append(fused.numpy())
+                    scores["audio_only_head"].append(head_a.numpy())
+                    fused, _, head_v = self.model(xs["video"], za)
+                    scores["video_only"].append(fused.numpy())
+                    scores["video_only_head"].append(head_v.numpy())
         if not targets:
             return {}
         t = np.concatenate(targets)

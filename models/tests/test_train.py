@@ -64,7 +64,7 @@ def test_train_resume_export(tmp_path):
     assert train.main(common + ["--epochs", "2"]) == 0
     log = [json.loads(s) for s in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
-    for key in ("fused", "audio_head", "video_head", "audio_only", "video_only"):
+    for key in ("fused", "audio_head", "video_head", "audio_only", "audio_only_head", "video_only", "video_only_head"):
         assert 0.0 <= log[-1][key] <= 1.0
     assert (run / "last.pt").exists() and (run / "best.pt").exists()
 
