@@ -105,18 +105,10 @@ impl LogMel {
     /// does), samples past S are ignored, and frames reaching past S see zeros (the recipe's
     /// step 1). `out` must hold `output_len()` values; a shorter buffer gets the rows that fit.
     pub fn compute(&mut self, audio: &[f32], out: &mut [f32]) {
-        debug_assert_eq!(
-            out.len(),
-            self.output_len(),
-            "log-mel output of the wrong size"
-        );
+        debug_assert_eq!(out.len(), self.output_len(), "log-mel output of the wrong size");
         let audio = &audio[..audio.len().min(self.n_samples())];
         let hop_length = self.hop_length;
-        for (frame_idx, row) in out
-            .chunks_exact_mut(self.n_mels)
-            .take(self.n_frames)
-            .enumerate()
-        {
+        for (frame_idx, row) in out.chunks_exact_mut(self.n_mels).take(self.n_frames).enumerate() {
             self.frame(audio, frame_idx * hop_length, row);
         }
     }
@@ -142,15 +134,7 @@ impl LogMel {
         }
         padding.fill(0.0);
         // Lengths are fixed by the plan in `new`, so this cannot fail; NaNs rather than a panic.
-        if self
-            .fft
-            .process_with_scratch(
-                &mut self.fft_input,
-                &mut self.spectrum,
-                &mut self.fft_scratch,
-            )
-            .is_err()
-        {
+        if self.fft.process_with_scratch(&mut self.fft_input, &mut self.spectrum, &mut self.fft_scratch).is_err() {
             row.fill(f32::NAN);
             return;
         }
@@ -160,11 +144,7 @@ impl LogMel {
         for (value, filter) in row.iter_mut().zip(&self.filters) {
             let weights = &self.weights[filter.weights.clone()];
             let powers = &self.power_spectrum[filter.bins.clone()];
-            let mel: f64 = weights
-                .iter()
-                .zip(powers)
-                .map(|(weight, power)| weight * power)
-                .sum();
+            let mel: f64 = weights.iter().zip(powers).map(|(weight, power)| weight * power).sum();
             *value = (((mel + self.log_offset).ln() - self.mean) / self.std) as f32;
         }
     }
@@ -205,11 +185,7 @@ impl LogMelStream {
     /// The log-mel of the window whose `audio[0]` is sample `first_sample` of the source's
     /// sample clock, into `out` (`[T, M]`): the same values as `LogMel::compute(audio, out)`.
     pub fn window(&mut self, first_sample: i64, audio: &[f32], out: &mut [f32]) {
-        debug_assert_eq!(
-            out.len(),
-            self.log_mel.output_len(),
-            "log-mel output of the wrong size"
-        );
+        debug_assert_eq!(out.len(), self.log_mel.output_len(), "log-mel output of the wrong size");
         let n_mels = self.log_mel.n_mels;
         let n_frames = self.log_mel.n_frames;
         let hop_length = self.log_mel.hop_length;
@@ -234,8 +210,7 @@ impl LogMelStream {
         for (frame_idx, row) in self.rows.chunks_exact_mut(n_mels).enumerate() {
             let start = frame_idx * hop_length;
             let blocks = frame_idx..(start + self.log_mel.win_length).div_ceil(hop_length);
-            let unchanged =
-                frame_idx < reusable_rows && self.block_unchanged[blocks].iter().all(|same| *same);
+            let unchanged = frame_idx < reusable_rows && self.block_unchanged[blocks].iter().all(|same| *same);
             if !unchanged {
                 self.log_mel.frame(&self.samples, start, row);
                 self.rows_computed += 1;
@@ -278,13 +253,9 @@ impl LogMelStream {
         let incoming = self.samples.chunks_exact(hop_length);
         let last = self.last_samples.chunks_exact(hop_length).skip(shift);
         self.block_unchanged.clear();
-        self.block_unchanged
-            .extend(incoming.zip(last).take(n_blocks).map(|(incoming, last)| {
-                incoming
-                    .iter()
-                    .zip(last)
-                    .fold(true, |same, (a, b)| same & (a.to_bits() == b.to_bits()))
-            }));
+        self.block_unchanged.extend(incoming.zip(last).take(n_blocks).map(|(incoming, last)| {
+            incoming.iter().zip(last).fold(true, |same, (a, b)| same & (a.to_bits() == b.to_bits()))
+        }));
         // Blocks past the last window's end are not comparable.
         self.block_unchanged.resize(n_blocks, false);
     }
@@ -299,9 +270,7 @@ impl From<LogMel> for LogMelStream {
             samples: vec![0.0; n_samples],
             last_first_sample: None,
             rows_computed: 0,
-            block_unchanged: Vec::with_capacity(
-                log_mel.n_frames + log_mel.win_length.div_ceil(log_mel.hop_length),
-            ),
+            block_unchanged: Vec::with_capacity(log_mel.n_frames + log_mel.win_length.div_ceil(log_mel.hop_length)),
             log_mel,
         }
     }
@@ -338,11 +307,7 @@ const MAX_SAMPLES: usize = 1 << 26;
 
 fn check_recipe(recipe: &AudioRecipe) -> Result<(), FeatureError> {
     let invalid = |field, value: &dyn std::fmt::Display, allowed| {
-        Err(FeatureError::InvalidAudioRecipe {
-            field,
-            value: value.to_string(),
-            allowed,
-        })
+        Err(FeatureError::InvalidAudioRecipe { field, value: value.to_string(), allowed })
     };
     if recipe.window != "hann" {
         return Err(FeatureError::UnsupportedWindow(recipe.window.clone()));
@@ -362,17 +327,8 @@ fn check_recipe(recipe: &AudioRecipe) -> Result<(), FeatureError> {
     if recipe.hop_length == 0 {
         return invalid("hop_length", &recipe.hop_length, "must be positive");
     }
-    if recipe.n_frames == 0
-        || recipe
-            .n_frames
-            .checked_mul(recipe.hop_length)
-            .is_none_or(|n| n > MAX_SAMPLES)
-    {
-        return invalid(
-            "n_frames",
-            &recipe.n_frames,
-            "must be positive, with n_frames * hop_length <= 2^26 samples",
-        );
+    if recipe.n_frames == 0 || recipe.n_frames.checked_mul(recipe.hop_length).is_none_or(|n| n > MAX_SAMPLES) {
+        return invalid("n_frames", &recipe.n_frames, "must be positive, with n_frames * hop_length <= 2^26 samples");
     }
     if recipe.n_mels == 0 || recipe.n_mels > MAX_N_MELS {
         return invalid("n_mels", &recipe.n_mels, "must be in 1..=4096");
@@ -385,11 +341,7 @@ fn check_recipe(recipe: &AudioRecipe) -> Result<(), FeatureError> {
         return invalid("fmin", &recipe.fmin, "must be in [0, fmax)");
     }
     if !(recipe.power > 0.0 && recipe.power.is_finite()) {
-        return invalid(
-            "power",
-            &recipe.power,
-            "must be positive (2 for power, 1 for magnitude)",
-        );
+        return invalid("power", &recipe.power, "must be positive (2 for power, 1 for magnitude)");
     }
     if !(recipe.log_offset > 0.0 && recipe.log_offset.is_finite()) {
         return invalid("log_offset", &recipe.log_offset, "must be positive");
@@ -405,9 +357,7 @@ fn check_recipe(recipe: &AudioRecipe) -> Result<(), FeatureError> {
 
 /// `w[n] = 0.5 - 0.5 cos(2 pi n / N)`: periodic, so w[0] = 0 and w[N/2] = 1.
 fn hann_periodic(len: usize) -> Vec<f64> {
-    (0..len)
-        .map(|n| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * n as f64 / len as f64).cos())
-        .collect()
+    (0..len).map(|n| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * n as f64 / len as f64).cos()).collect()
 }
 
 fn hz_to_mel(hz: f64) -> f64 {
@@ -425,13 +375,7 @@ fn mel_corners(recipe: &AudioRecipe) -> Vec<f64> {
     let n_points = recipe.n_mels + 2;
     let step = (last - first) / (n_points - 1) as f64;
     (0..n_points)
-        .map(|point| {
-            if point == n_points - 1 {
-                last
-            } else {
-                point as f64 * step + first
-            }
-        })
+        .map(|point| if point == n_points - 1 { last } else { point as f64 * step + first })
         .map(mel_to_hz)
         .collect()
 }
@@ -453,16 +397,10 @@ fn mel_filterbank(recipe: &AudioRecipe) -> (Vec<MelFilter>, Vec<f64>) {
             rising.min(falling).max(0.0)
         };
         let first_bin = (0..n_bins).find(|bin| weight(*bin) > 0.0).unwrap_or(0);
-        let end_bin = (first_bin..n_bins)
-            .find(|bin| weight(*bin) <= 0.0)
-            .unwrap_or(n_bins)
-            .max(first_bin);
+        let end_bin = (first_bin..n_bins).find(|bin| weight(*bin) <= 0.0).unwrap_or(n_bins).max(first_bin);
         let start = weights.len();
         weights.extend((first_bin..end_bin).map(weight));
-        filters.push(MelFilter {
-            bins: first_bin..end_bin,
-            weights: start..weights.len(),
-        });
+        filters.push(MelFilter { bins: first_bin..end_bin, weights: start..weights.len() });
     }
     (filters, weights)
 }
@@ -494,11 +432,7 @@ mod tests {
 
     fn sine(hz: f64, amplitude: f64, sample_rate: u32, len: usize) -> Vec<f32> {
         (0..len)
-            .map(|n| {
-                (amplitude
-                    * (2.0 * std::f64::consts::PI * hz * n as f64 / sample_rate as f64).sin())
-                    as f32
-            })
+            .map(|n| (amplitude * (2.0 * std::f64::consts::PI * hz * n as f64 / sample_rate as f64).sin()) as f32)
             .collect()
     }
 
@@ -508,11 +442,7 @@ mod tests {
         let mut log_mel = LogMel::new(recipe).expect("test recipe");
         let mut out = vec![f32::NAN; log_mel.output_len()];
         log_mel.compute(audio, &mut out);
-        assert_eq!(
-            out.len(),
-            expected.len(),
-            "the test's expected output has the wrong size"
-        );
+        assert_eq!(out.len(), expected.len(), "the test's expected output has the wrong size");
         let mut worst = 0.0f32;
         for (idx, (got, want)) in out.iter().zip(expected).enumerate() {
             let difference = (got - want).abs();
@@ -538,28 +468,13 @@ mod tests {
     #[test]
     fn silence_is_the_standardised_log_offset() {
         let mut recipe = recipe(200);
-        check(
-            &recipe,
-            &vec![0.0; 32000],
-            &vec![(1e-6f64).ln() as f32; 200 * 128],
-            0.0,
-        );
+        check(&recipe, &vec![0.0; 32000], &vec![(1e-6f64).ln() as f32; 200 * 128], 0.0);
         recipe.mean = -5.0;
         recipe.std = 2.0;
         recipe.log_offset = 1e-3;
-        check(
-            &recipe,
-            &vec![0.0; 32000],
-            &vec![(((1e-3f64).ln() + 5.0) / 2.0) as f32; 200 * 128],
-            0.0,
-        );
+        check(&recipe, &vec![0.0; 32000], &vec![(((1e-3f64).ln() + 5.0) / 2.0) as f32; 200 * 128], 0.0);
         // Shorter audio is zero-padded, as in the reference.
-        check(
-            &recipe,
-            &[],
-            &vec![(((1e-3f64).ln() + 5.0) / 2.0) as f32; 200 * 128],
-            0.0,
-        );
+        check(&recipe, &[], &vec![(((1e-3f64).ln() + 5.0) / 2.0) as f32; 200 * 128], 0.0);
     }
 
     #[test]
@@ -573,34 +488,16 @@ mod tests {
             // Frames fully inside the signal.
             let mut mean_row = vec![0.0f64; recipe.n_mels];
             for row in out.chunks_exact(recipe.n_mels).skip(5).take(190) {
-                mean_row
-                    .iter_mut()
-                    .zip(row)
-                    .for_each(|(sum, value)| *sum += *value as f64);
+                mean_row.iter_mut().zip(row).for_each(|(sum, value)| *sum += *value as f64);
             }
             let peak = argmax(&mean_row);
-            let nearest = argmax(
-                &centres
-                    .iter()
-                    .map(|centre| -(centre - hz).abs())
-                    .collect::<Vec<_>>(),
-            );
-            assert_eq!(
-                peak, nearest,
-                "{hz} Hz peaks in mel {peak} centred at {} Hz",
-                centres[peak]
-            );
+            let nearest = argmax(&centres.iter().map(|centre| -(centre - hz).abs()).collect::<Vec<_>>());
+            assert_eq!(peak, nearest, "{hz} Hz peaks in mel {peak} centred at {} Hz", centres[peak]);
         }
     }
 
     fn argmax(values: &[f64]) -> usize {
-        (0..values.len()).fold(0, |best, idx| {
-            if values[idx] > values[best] {
-                idx
-            } else {
-                best
-            }
-        })
+        (0..values.len()).fold(0, |best, idx| if values[idx] > values[best] { idx } else { best })
     }
 
     #[test]
@@ -620,10 +517,7 @@ mod tests {
                 per_bin[bin] += weight;
             }
         }
-        assert!(
-            per_bin[20..200].iter().all(|sum| (sum - 1.0).abs() < 1e-9),
-            "{per_bin:?}"
-        );
+        assert!(per_bin[20..200].iter().all(|sum| (sum - 1.0).abs() < 1e-9), "{per_bin:?}");
         // The corners run from fmin to fmax.
         let corners = mel_corners(&recipe);
         assert_eq!(corners[0], 0.0);
@@ -641,13 +535,8 @@ mod tests {
         let mut out = vec![0.0; log_mel.output_len()];
         log_mel.compute(&audio, &mut out);
         let floor = (1e-6f64).ln() as f32;
-        let hit: Vec<usize> = (0..100)
-            .filter(|i| {
-                out[i * 128..(i + 1) * 128]
-                    .iter()
-                    .any(|v| *v > floor + 1e-3)
-            })
-            .collect();
+        let hit: Vec<usize> =
+            (0..100).filter(|i| out[i * 128..(i + 1) * 128].iter().any(|v| *v > floor + 1e-3)).collect();
         assert_eq!(hit, [4, 5, 6]);
     }
 
@@ -684,79 +573,29 @@ mod tests {
     }
 
     fn invalid(field: &'static str, value: &str, allowed: &'static str) -> FeatureError {
-        FeatureError::InvalidAudioRecipe {
-            field,
-            value: value.into(),
-            allowed,
-        }
+        FeatureError::InvalidAudioRecipe { field, value: value.into(), allowed }
     }
 
     #[test]
     fn recipes_the_code_cannot_compute_are_refused() {
-        check_refused(
-            |r| r.window = "hamming".into(),
-            FeatureError::UnsupportedWindow("hamming".into()),
-        );
-        check_refused(
-            |r| r.mel_scale = "slaney".into(),
-            FeatureError::UnsupportedMelScale("slaney".into()),
-        );
-        check_refused(
-            |r| r.win_length = 1024,
-            invalid("win_length", "1024", "must be in 1..=n_fft"),
-        );
-        check_refused(
-            |r| r.win_length = 0,
-            invalid("win_length", "0", "must be in 1..=n_fft"),
-        );
-        check_refused(
-            |r| r.hop_length = 0,
-            invalid("hop_length", "0", "must be positive"),
-        );
-        check_refused(
-            |r| r.n_fft = 0,
-            invalid("n_fft", "0", "must be in 1..=65536"),
-        );
-        check_refused(
-            |r| r.n_fft = 1 << 20,
-            invalid("n_fft", "1048576", "must be in 1..=65536"),
-        );
+        check_refused(|r| r.window = "hamming".into(), FeatureError::UnsupportedWindow("hamming".into()));
+        check_refused(|r| r.mel_scale = "slaney".into(), FeatureError::UnsupportedMelScale("slaney".into()));
+        check_refused(|r| r.win_length = 1024, invalid("win_length", "1024", "must be in 1..=n_fft"));
+        check_refused(|r| r.win_length = 0, invalid("win_length", "0", "must be in 1..=n_fft"));
+        check_refused(|r| r.hop_length = 0, invalid("hop_length", "0", "must be positive"));
+        check_refused(|r| r.n_fft = 0, invalid("n_fft", "0", "must be in 1..=65536"));
+        check_refused(|r| r.n_fft = 1 << 20, invalid("n_fft", "1048576", "must be in 1..=65536"));
         check_refused(
             |r| r.n_frames = 0,
-            invalid(
-                "n_frames",
-                "0",
-                "must be positive, with n_frames * hop_length <= 2^26 samples",
-            ),
+            invalid("n_frames", "0", "must be positive, with n_frames * hop_length <= 2^26 samples"),
         );
-        check_refused(
-            |r| r.n_mels = 0,
-            invalid("n_mels", "0", "must be in 1..=4096"),
-        );
-        check_refused(
-            |r| r.fmax = 9000.0,
-            invalid("fmax", "9000", "must be in (0, sample_rate / 2]"),
-        );
-        check_refused(
-            |r| r.fmax = f64::NAN,
-            invalid("fmax", "NaN", "must be in (0, sample_rate / 2]"),
-        );
-        check_refused(
-            |r| r.fmin = 8000.0,
-            invalid("fmin", "8000", "must be in [0, fmax)"),
-        );
-        check_refused(
-            |r| r.log_offset = 0.0,
-            invalid("log_offset", "0", "must be positive"),
-        );
+        check_refused(|r| r.n_mels = 0, invalid("n_mels", "0", "must be in 1..=4096"));
+        check_refused(|r| r.fmax = 9000.0, invalid("fmax", "9000", "must be in (0, sample_rate / 2]"));
+        check_refused(|r| r.fmax = f64::NAN, invalid("fmax", "NaN", "must be in (0, sample_rate / 2]"));
+        check_refused(|r| r.fmin = 8000.0, invalid("fmin", "8000", "must be in [0, fmax)"));
+        check_refused(|r| r.log_offset = 0.0, invalid("log_offset", "0", "must be positive"));
         check_refused(|r| r.std = 0.0, invalid("std", "0", "must be positive"));
-        let message = LogMel::new(&AudioRecipe {
-            std: -1.0,
-            ..recipe(200)
-        })
-        .err()
-        .unwrap()
-        .to_string();
+        let message = LogMel::new(&AudioRecipe { std: -1.0, ..recipe(200) }).err().unwrap().to_string();
         assert_eq!(message, "audio.std = -1 is not usable: must be positive");
     }
 
@@ -810,20 +649,11 @@ mod tests {
     fn parity_signals(sample_rate: u32, len: usize) -> Vec<(String, Vec<f32>)> {
         let mut signals = vec![("silence".to_string(), vec![0.0; len])];
         for hz in [50.0, 440.0, 1000.0, 3000.0, 0.49 * sample_rate as f64] {
-            signals.push((
-                format!("sine {hz} Hz at 0.5"),
-                sine(hz, 0.5, sample_rate, len),
-            ));
+            signals.push((format!("sine {hz} Hz at 0.5"), sine(hz, 0.5, sample_rate, len)));
         }
-        signals.push((
-            "full-scale sine 1000 Hz".into(),
-            sine(1000.0, 1.0, sample_rate, len),
-        ));
+        signals.push(("full-scale sine 1000 Hz".into(), sine(1000.0, 1.0, sample_rate, len)));
         signals.push(("white noise".into(), Noise(42).take(len).collect()));
-        signals.push((
-            "quiet noise 1e-4".into(),
-            Noise(43).take(len).map(|x| x * 1e-4).collect(),
-        ));
+        signals.push(("quiet noise 1e-4".into(), Noise(43).take(len).map(|x| x * 1e-4).collect()));
         let clicks = (0..len).map(|n| match n % 1601 {
             0 => 1.0,
             800 => -1.0,
@@ -831,13 +661,7 @@ mod tests {
         });
         signals.push(("clicks".into(), clicks.collect()));
         for hz in [1000.0, 440.0] {
-            let square = (0..len).map(|n| {
-                if (n as f64 * hz / sample_rate as f64).fract() < 0.5 {
-                    1.0
-                } else {
-                    -1.0
-                }
-            });
+            let square = (0..len).map(|n| if (n as f64 * hz / sample_rate as f64).fract() < 0.5 { 1.0 } else { -1.0 });
             signals.push((format!("full-scale square {hz} Hz"), square.collect()));
         }
         signals
@@ -851,17 +675,13 @@ mod tests {
         assert_eq!(samples.len(), recipe.n_frames * recipe.hop_length);
         let tolerance = (1e-4 / recipe.std) as f32;
         let difference = check(&recipe, &samples, &expected, tolerance) as f64 * recipe.std;
-        println!(
-            "log-mel parity, committed fixture: max |rust - numpy| = {difference:.3e} (log domain)"
-        );
+        println!("log-mel parity, committed fixture: max |rust - numpy| = {difference:.3e} (log domain)");
     }
 
     #[test]
     fn parity_with_the_numpy_reference() {
         let Some(python) = crate::features::parity::python() else {
-            println!(
-                "log-mel parity SKIPPED: no python with numpy (set MBT_PYTHON, or make models/.venv)"
-            );
+            println!("log-mel parity SKIPPED: no python with numpy (set MBT_PYTHON, or make models/.venv)");
             return;
         };
         let other = AudioRecipe {
@@ -895,8 +715,7 @@ mod tests {
         for recipe in [recipe(200), other, narrow] {
             let n_samples = recipe.n_frames * recipe.hop_length;
             for (name, signal) in parity_signals(recipe.sample_rate, n_samples) {
-                let expected =
-                    crate::features::parity::reference_log_mel(&python, &recipe, &signal);
+                let expected = crate::features::parity::reference_log_mel(&python, &recipe, &signal);
                 // The bound holds in the log domain, before standardisation: (x - mean) / std
                 // divides a difference by std.
                 let tolerance = (1e-4 / recipe.std) as f32;
@@ -908,9 +727,7 @@ mod tests {
                 worst = worst.max(difference);
             }
         }
-        println!(
-            "log-mel parity: max |rust - numpy| over all signals = {worst:.3e} (log domain, bound 1e-4)"
-        );
+        println!("log-mel parity: max |rust - numpy| over all signals = {worst:.3e} (log domain, bound 1e-4)");
     }
 
     /// Uniform noise in [-1, 1) from a fixed seed (xorshift64*), the same on every machine.
@@ -929,12 +746,7 @@ mod tests {
         }
     }
 
-    fn small_recipe(
-        hop_length: usize,
-        win_length: usize,
-        n_fft: usize,
-        n_frames: usize,
-    ) -> AudioRecipe {
+    fn small_recipe(hop_length: usize, win_length: usize, n_fft: usize, n_frames: usize) -> AudioRecipe {
         AudioRecipe {
             sample_rate: 8000,
             n_frames,
@@ -1005,11 +817,7 @@ mod tests {
         let start = std::time::Instant::now();
         for window_idx in 1..=windows {
             let first_sample = window_idx * 16000;
-            stream.window(
-                first_sample as i64,
-                &signal[first_sample..first_sample + 128000],
-                &mut out,
-            );
+            stream.window(first_sample as i64, &signal[first_sample..first_sample + 128000], &mut out);
             std::hint::black_box(&mut out);
         }
         let per_hop = start.elapsed() / windows as u32;

@@ -22,9 +22,5 @@ pub enum FeatureError {
     #[error("audio.mel_scale {0:?} is not supported (only \"htk\")")]
     UnsupportedMelScale(String),
     #[error("audio.{field} = {value} is not usable: {allowed}")]
-    InvalidAudioRecipe {
-        field: &'static str,
-        value: String,
-        allowed: &'static str,
-    },
+    InvalidAudioRecipe { field: &'static str, value: String, allowed: &'static str },
 }

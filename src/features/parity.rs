@@ -16,32 +16,20 @@ use crate::model::AudioRecipe;
 pub(super) fn python() -> Option<PathBuf> {
     if let Some(explicit) = std::env::var_os("MBT_PYTHON") {
         let explicit = PathBuf::from(explicit);
-        assert!(
-            has_numpy(&explicit),
-            "MBT_PYTHON={} cannot import numpy",
-            explicit.display()
-        );
+        assert!(has_numpy(&explicit), "MBT_PYTHON={} cannot import numpy", explicit.display());
         return Some(explicit);
     }
     let root = repository_root();
-    [
-        root.join("models/.venv/bin/python"),
-        root.join("target/py-ci/bin/python"),
-        PathBuf::from("python3"),
-    ]
-    .into_iter()
-    .find(|python| has_numpy(python))
+    [root.join("models/.venv/bin/python"), root.join("target/py-ci/bin/python"), PathBuf::from("python3")]
+        .into_iter()
+        .find(|python| has_numpy(python))
 }
 
 /// The reference's `[T, M]` output for `audio` under `recipe`, flattened.
 pub(super) fn reference_log_mel(python: &Path, recipe: &AudioRecipe, audio: &[f32]) -> Vec<f32> {
     let dir = std::env::temp_dir().join(format!("mbt-edge-logmel-parity-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary folder");
-    let (input, output, metadata) = (
-        dir.join("in.npy"),
-        dir.join("out.npy"),
-        dir.join("metadata.json"),
-    );
+    let (input, output, metadata) = (dir.join("in.npy"), dir.join("out.npy"), dir.join("metadata.json"));
     write_npy(&input, audio).expect("writing in.npy");
     std::fs::write(&metadata, metadata_json(recipe)).expect("writing metadata.json");
     let run = Command::new(python)
@@ -53,17 +41,9 @@ pub(super) fn reference_log_mel(python: &Path, recipe: &AudioRecipe, audio: &[f3
         .stdin(Stdio::null())
         .output()
         .expect("running the reference");
-    assert!(
-        run.status.success(),
-        "python -m mbt.logmel failed: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert!(run.status.success(), "python -m mbt.logmel failed: {}", String::from_utf8_lossy(&run.stderr));
     let (shape, values) = read_npy(&output).expect("reading out.npy");
-    assert_eq!(
-        shape,
-        [recipe.n_frames, recipe.n_mels],
-        "the reference's output shape"
-    );
+    assert_eq!(shape, [recipe.n_frames, recipe.n_mels], "the reference's output shape");
     let _ = std::fs::remove_dir_all(&dir);
     values
 }
@@ -82,11 +62,8 @@ pub(super) fn committed_fixture() -> (AudioRecipe, Vec<f32>, Vec<f32>) {
             .map(|(_, value)| value.as_str())
             .unwrap_or_else(|| panic!("logmel.recipe.json has no {key:?}"))
     };
-    let number = |key: &str| {
-        field(key)
-            .parse::<f64>()
-            .unwrap_or_else(|err| panic!("logmel.recipe.json {key:?}: {err}"))
-    };
+    let number =
+        |key: &str| field(key).parse::<f64>().unwrap_or_else(|err| panic!("logmel.recipe.json {key:?}: {err}"));
     let count = |key: &str| number(key) as usize;
     let recipe = AudioRecipe {
         sample_rate: number("sample_rate") as u32,
@@ -105,13 +82,8 @@ pub(super) fn committed_fixture() -> (AudioRecipe, Vec<f32>, Vec<f32>) {
         std: number("std"),
     };
     let (_, samples) = read_npy(&dir.join("logmel.samples.npy")).expect("logmel.samples.npy");
-    let (shape, expected) =
-        read_npy(&dir.join("logmel.expected.npy")).expect("logmel.expected.npy");
-    assert_eq!(
-        shape,
-        [recipe.n_frames, recipe.n_mels],
-        "logmel.expected.npy's shape"
-    );
+    let (shape, expected) = read_npy(&dir.join("logmel.expected.npy")).expect("logmel.expected.npy");
+    assert_eq!(shape, [recipe.n_frames, recipe.n_mels], "logmel.expected.npy's shape");
     (recipe, samples, expected)
 }
 
@@ -120,12 +92,7 @@ fn flat_json_object(json: &str) -> Vec<(String, String)> {
     let body = json.trim().trim_start_matches('{').trim_end_matches('}');
     body.split(',')
         .filter_map(|pair| pair.split_once(':'))
-        .map(|(key, value)| {
-            (
-                key.trim().trim_matches('"').to_string(),
-                value.trim().to_string(),
-            )
-        })
+        .map(|(key, value)| (key.trim().trim_matches('"').to_string(), value.trim().to_string()))
         .collect()
 }
 
@@ -174,16 +141,10 @@ const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 
 /// A 1-D little-endian f32 array in .npy format 1.0.
 pub(super) fn write_npy(path: &Path, values: &[f32]) -> std::io::Result<()> {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
-        values.len()
-    );
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}", values.len());
     // Magic, version, length, header and its newline: a multiple of 64 bytes.
     let unpadded = NPY_MAGIC.len() + 4 + header.len() + 1;
-    header.extend(std::iter::repeat_n(
-        ' ',
-        unpadded.next_multiple_of(64) - unpadded,
-    ));
+    header.extend(std::iter::repeat_n(' ', unpadded.next_multiple_of(64) - unpadded));
     header.push('\n');
     let mut bytes = Vec::with_capacity(unpadded + 64 + 4 * values.len());
     bytes.extend_from_slice(NPY_MAGIC);
@@ -199,10 +160,7 @@ pub(super) fn write_npy(path: &Path, values: &[f32]) -> std::io::Result<()> {
 /// A C-order little-endian f32 array of any shape: (shape, values).
 pub(super) fn read_npy(path: &Path) -> std::io::Result<(Vec<usize>, Vec<f32>)> {
     let invalid = |message: String| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{}: {message}", path.display()),
-        )
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {message}", path.display()))
     };
     let bytes = std::fs::read(path)?;
     if !bytes.starts_with(NPY_MAGIC) || bytes.len() < 10 {
@@ -210,10 +168,7 @@ pub(super) fn read_npy(path: &Path) -> std::io::Result<(Vec<usize>, Vec<f32>)> {
     }
     let (header_start, header_len) = match bytes[6] {
         1 => (10, u16::from_le_bytes([bytes[8], bytes[9]]) as usize),
-        2 | 3 if bytes.len() >= 12 => (
-            12,
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-        ),
+        2 | 3 if bytes.len() >= 12 => (12, u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize),
         version => return Err(invalid(format!(".npy version {version} is not supported"))),
     };
     let header = bytes
@@ -221,9 +176,7 @@ pub(super) fn read_npy(path: &Path) -> std::io::Result<(Vec<usize>, Vec<f32>)> {
         .and_then(|header| std::str::from_utf8(header).ok())
         .ok_or_else(|| invalid("truncated header".into()))?;
     if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
-        return Err(invalid(format!(
-            "only C-order '<f4' arrays are read, not {header}"
-        )));
+        return Err(invalid(format!("only C-order '<f4' arrays are read, not {header}")));
     }
     let shape_text = header
         .split_once("'shape': (")
@@ -234,22 +187,14 @@ pub(super) fn read_npy(path: &Path) -> std::io::Result<(Vec<usize>, Vec<f32>)> {
         .split(',')
         .map(str::trim)
         .filter(|dim| !dim.is_empty())
-        .map(|dim| {
-            dim.parse::<usize>()
-                .map_err(|err| invalid(format!("shape {shape_text:?}: {err}")))
-        })
+        .map(|dim| dim.parse::<usize>().map_err(|err| invalid(format!("shape {shape_text:?}: {err}"))))
         .collect::<Result<Vec<usize>, _>>()?;
     let data = &bytes[header_start + header_len..];
     if data.len() != 4 * shape.iter().product::<usize>() {
-        return Err(invalid(format!(
-            "{} data bytes for shape {shape:?}",
-            data.len()
-        )));
+        return Err(invalid(format!("{} data bytes for shape {shape:?}", data.len())));
     }
-    let values = data
-        .chunks_exact(4)
-        .map(|value| f32::from_le_bytes([value[0], value[1], value[2], value[3]]))
-        .collect();
+    let values =
+        data.chunks_exact(4).map(|value| f32::from_le_bytes([value[0], value[1], value[2], value[3]])).collect();
     Ok((shape, values))
 }
 

@@ -28,24 +28,14 @@ pub fn video_tensor(frames: &[Arc<VideoFrame>], recipe: &VideoRecipe, out: &mut 
     let height = recipe.height as usize;
     let plane_len = width * height;
     let frame_len = 3 * plane_len;
-    debug_assert_eq!(
-        out.len(),
-        recipe.frames * frame_len,
-        "video tensor slot of the wrong size"
-    );
+    debug_assert_eq!(out.len(), recipe.frames * frame_len, "video tensor slot of the wrong size");
     if frame_len == 0 {
         return;
     }
-    for (frame_idx, frame_out) in out
-        .chunks_exact_mut(frame_len)
-        .take(recipe.frames)
-        .enumerate()
-    {
+    for (frame_idx, frame_out) in out.chunks_exact_mut(frame_len).take(recipe.frames).enumerate() {
         match frames.get(frame_idx) {
             Some(frame)
-                if frame.width as usize == width
-                    && frame.height as usize == height
-                    && frame.rgb.len() == frame_len =>
+                if frame.width as usize == width && frame.height as usize == height && frame.rgb.len() == frame_len =>
             {
                 table.write_planar(&frame.rgb, frame_out, plane_len)
             }
@@ -97,32 +87,16 @@ mod tests {
     use crate::media::RunningTime;
 
     fn recipe(frames: usize, width: u32, height: u32) -> VideoRecipe {
-        VideoRecipe {
-            frames,
-            height,
-            width,
-            mean: [0.5, 0.5, 0.5],
-            std: [0.5, 0.5, 0.5],
-        }
+        VideoRecipe { frames, height, width, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5] }
     }
 
     fn frame(width: u32, height: u32, rgb: Vec<u8>) -> Arc<VideoFrame> {
-        Arc::new(VideoFrame {
-            pts: RunningTime::ZERO,
-            duration: None,
-            width,
-            height,
-            rgb,
-        })
+        Arc::new(VideoFrame { pts: RunningTime::ZERO, duration: None, width, height, rgb })
     }
 
     fn check(frames: &[Arc<VideoFrame>], recipe: &VideoRecipe, expected: &[f32]) {
         let len = recipe.frames * 3 * (recipe.width * recipe.height) as usize;
-        assert_eq!(
-            expected.len(),
-            len,
-            "the test's expected tensor has the wrong size"
-        );
+        assert_eq!(expected.len(), len, "the test's expected tensor has the wrong size");
         let mut out = vec![f32::NAN; len];
         video_tensor(frames, recipe, &mut out);
         assert_eq!(out, expected);
@@ -136,14 +110,8 @@ mod tests {
     #[test]
     fn planar_layout_per_frame() {
         // 2 frames of 2x1 pixels: [R G B R G B] -> [R R G G B B] per frame.
-        let frames = [
-            frame(2, 1, vec![0, 1, 2, 3, 4, 5]),
-            frame(2, 1, vec![10, 11, 12, 13, 14, 15]),
-        ];
-        let expected: Vec<f32> = [0u8, 3, 1, 4, 2, 5, 10, 13, 11, 14, 12, 15]
-            .into_iter()
-            .map(scenic)
-            .collect();
+        let frames = [frame(2, 1, vec![0, 1, 2, 3, 4, 5]), frame(2, 1, vec![10, 11, 12, 13, 14, 15])];
+        let expected: Vec<f32> = [0u8, 3, 1, 4, 2, 5, 10, 13, 11, 14, 12, 15].into_iter().map(scenic).collect();
         check(&frames, &recipe(2, 2, 1), &expected);
     }
 
@@ -157,49 +125,26 @@ mod tests {
 
     #[test]
     fn normalisation_per_channel() {
-        let recipe = VideoRecipe {
-            frames: 1,
-            height: 1,
-            width: 1,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        };
+        let recipe =
+            VideoRecipe { frames: 1, height: 1, width: 1, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
         let frames = [frame(1, 1, vec![0, 128, 255])];
-        let expected = [
-            (0.0 - 0.485) / 0.229,
-            (128.0 / 255.0 - 0.456) / 0.224,
-            (1.0 - 0.406) / 0.225,
-        ];
+        let expected = [(0.0 - 0.485) / 0.229, (128.0 / 255.0 - 0.456) / 0.224, (1.0 - 0.406) / 0.225];
         check(&frames, &recipe, &expected);
         // The scenic convention maps 0 -> -1 and 255 -> 1.
-        check(
-            &[frame(1, 1, vec![0, 255, 0])],
-            &self::recipe(1, 1, 1),
-            &[-1.0, 1.0, -1.0],
-        );
+        check(&[frame(1, 1, vec![0, 255, 0])], &self::recipe(1, 1, 1), &[-1.0, 1.0, -1.0]);
     }
 
     #[test]
     fn wrong_sized_and_missing_frames_are_black() {
-        let recipe = VideoRecipe {
-            frames: 3,
-            height: 1,
-            width: 2,
-            mean: [0.5, 0.25, 0.0],
-            std: [0.5, 0.5, 1.0],
-        };
+        let recipe = VideoRecipe { frames: 3, height: 1, width: 2, mean: [0.5, 0.25, 0.0], std: [0.5, 0.5, 1.0] };
         let black = [-1.0, -1.0, -0.5, -0.5, 0.0, 0.0];
         let white = [1.0, 1.0, 1.5, 1.5, 1.0, 1.0];
         // A 0x0 gap-fill frame, a real white frame, then nothing.
         let frames = [frame(0, 0, Vec::new()), frame(2, 1, vec![255; 6])];
         check(&frames, &recipe, &[black, white, black].concat());
         // Right size but a truncated buffer; wrong width with the right byte count.
-        let frames = [
-            frame(2, 1, vec![255; 5]),
-            frame(1, 2, vec![255; 6]),
-            frame(2, 1, vec![255; 6]),
-            frame(2, 1, vec![0; 6]),
-        ];
+        let frames =
+            [frame(2, 1, vec![255; 5]), frame(1, 2, vec![255; 6]), frame(2, 1, vec![255; 6]), frame(2, 1, vec![0; 6])];
         check(&frames, &recipe, &[black, black, white].concat());
     }
 
@@ -218,23 +163,9 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_video_tensor_8x224x224() {
-        let recipe = VideoRecipe {
-            frames: 8,
-            height: 224,
-            width: 224,
-            mean: [0.5; 3],
-            std: [0.5; 3],
-        };
+        let recipe = VideoRecipe { frames: 8, height: 224, width: 224, mean: [0.5; 3], std: [0.5; 3] };
         let frames: Vec<Arc<VideoFrame>> = (0..8)
-            .map(|frame_idx| {
-                frame(
-                    224,
-                    224,
-                    (0..224 * 224 * 3)
-                        .map(|i| ((i * 7 + frame_idx) % 256) as u8)
-                        .collect(),
-                )
-            })
+            .map(|frame_idx| frame(224, 224, (0..224 * 224 * 3).map(|i| ((i * 7 + frame_idx) % 256) as u8).collect()))
             .collect();
         let mut out = vec![0.0f32; 8 * 3 * 224 * 224];
         let runs = 200;

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs the system packages mbt-edge builds, runs and tests with (Debian 12 / Ubuntu 22.04+).
+# Uses sudo when not root. Idempotent: skips apt when everything is already there.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential pkg-config ca-certificates curl git
+  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-tools
+  mosquitto mosquitto-clients openssl systemd
+  python3 python3-venv python3-pip
+)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$package")
+  fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "cargo not found: install Rust (1.92 or newer) with rustup first: https://rustup.rs" >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,238 @@
+//! gst-launch descriptions of each source kind, ending in the two named appsinks with the
+//! model's formats: RGB at the model's frame size, mono F32 at the model's sample rate. Pure
+//! string building, unit-tested without GStreamer.
+
+use crate::config::{SourceKind, SourceSettings, TestSource};
+
+/// What the model wants out of a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureFormat {
+    /// Frame width and height; `None` when the model or the source has no video.
+    pub video: Option<(u32, u32)>,
+    /// Sample rate; `None` when there is no audio.
+    pub audio: Option<u32>,
+}
+
+/// How the appsinks behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkMode {
+    /// Play non-live media in real time (the daemon) or as fast as possible (classify/record).
+    pub sync: bool,
+}
+
+/// The appsink element names.
+pub const VIDEO_SINK: &str = "video";
+pub const AUDIO_SINK: &str = "audio";
+
+/// The full pipeline description for `source`.
+pub fn describe(source: &SourceSettings, format: CaptureFormat, mode: SinkMode) -> String {
+    let video = if source.video { format.video } else { None };
+    let audio = if source.audio { format.audio } else { None };
+    let video_tail = video.map(|(width, height)| video_tail(width, height, source.max_fps, mode));
+    let audio_tail = audio.map(|rate| audio_tail(rate, mode));
+    let mut branches: Vec<String> = Vec::new();
+    match &source.kind {
+        SourceKind::Test(test) => {
+            if let Some(tail) = &video_tail {
+                branches.push(format!("{} ! {tail}", test_video(test)));
+            }
+            if let Some(tail) = &audio_tail {
+                branches.push(format!("{} ! {tail}", test_audio(test)));
+            }
+        }
+        SourceKind::V4l2 { video_device, video_caps, audio_device } => {
+            if let Some(tail) = &video_tail {
+                let caps = video_caps.as_deref().map(|caps| format!(" ! {caps}")).unwrap_or_default();
+                branches.push(format!("v4l2src device={}{caps} ! decodebin ! {tail}", quote(video_device)));
+            }
+            if let (Some(tail), Some(device)) = (&audio_tail, audio_device) {
+                branches.push(format!("alsasrc device={} ! {tail}", quote(device)));
+            }
+        }
+        SourceKind::Alsa { audio_device } => {
+            if let Some(tail) = &audio_tail {
+                branches.push(format!("alsasrc device={} ! {tail}", quote(audio_device)));
+            }
+        }
+        SourceKind::Pulse { audio_device } => {
+            if let Some(tail) = &audio_tail {
+                let device =
+                    audio_device.as_deref().map(|device| format!(" device={}", quote(device))).unwrap_or_default();
+                branches.push(format!("pulsesrc{device} ! {tail}"));
+            }
+        }
+        SourceKind::Rtsp { url, latency, protocols } => {
+            let protocols = protocols.as_deref().map(|protocols| format!(" protocols={protocols}")).unwrap_or_default();
+            branches.push(format!(
+                "rtspsrc name=src location={} latency={}{protocols}",
+                quote(url),
+                latency.as_millis()
+            ));
+            if let Some(tail) = &video_tail {
+                branches.push(format!("src. ! application/x-rtp,media=video ! decodebin ! {tail}"));
+            }
+            if let Some(tail) = &audio_tail {
+                branches.push(format!("src. ! application/x-rtp,media=audio ! decodebin ! {tail}"));
+            }
+        }
+        SourceKind::Uri { uri } => {
+            branches.push(format!("uridecodebin name=src uri={}", quote(uri)));
+            if let Some(tail) = &video_tail {
+                branches.push(format!("src. ! video/x-raw ! {tail}"));
+            }
+            if let Some(tail) = &audio_tail {
+                branches.push(format!("src. ! audio/x-raw ! {tail}"));
+            }
+        }
+        SourceKind::Pipeline { video_pipeline, audio_pipeline } => {
+            if let (Some(tail), Some(head)) = (&video_tail, video_pipeline) {
+                branches.push(format!("{head} ! {tail}"));
+            }
+            if let (Some(tail), Some(head)) = (&audio_tail, audio_pipeline) {
+                branches.push(format!("{head} ! {tail}"));
+            }
+        }
+    }
+    branches.join("  ")
+}
+
+fn video_tail(width: u32, height: u32, max_fps: Option<u32>, mode: SinkMode) -> String {
+    let rate = max_fps.map(|fps| format!("videorate drop-only=true max-rate={fps} ! ")).unwrap_or_default();
+    format!(
+        "queue max-size-buffers=4 max-size-bytes=0 max-size-time=0 ! {rate}videoconvert ! videoscale ! \
+         video/x-raw,format=RGB,width={width},height={height} ! \
+         appsink name={VIDEO_SINK} sync={} max-buffers=4 drop=false enable-last-sample=false",
+        mode.sync
+    )
+}
+
+fn audio_tail(rate: u32, mode: SinkMode) -> String {
+    format!(
+        "queue max-size-buffers=0 max-size-bytes=0 max-size-time=1000000000 ! audioconvert ! audioresample ! \
+         audio/x-raw,format=F32LE,layout=interleaved,channels=1,rate={rate} ! \
+         appsink name={AUDIO_SINK} sync={} max-buffers=64 drop=false enable-last-sample=false",
+        mode.sync
+    )
+}
+
+fn test_video(test: &TestSource) -> String {
+    let num_buffers = test
+        .duration
+        .map(|duration| format!(" num-buffers={}", (duration.as_secs_f64() * test.fps as f64).ceil() as u64))
+        .unwrap_or_default();
+    format!(
+        "videotestsrc is-live={} pattern={}{num_buffers} {} ! video/x-raw,width={},height={},framerate={}/1",
+        test.is_live, test.pattern, test.video_extra, test.width, test.height, test.fps
+    )
+}
+
+/// audiotestsrc makes 1024-sample buffers by default; the count below ends it after `duration`.
+fn test_audio(test: &TestSource) -> String {
+    const SAMPLES_PER_BUFFER: u64 = 1024;
+    let num_buffers = test
+        .duration
+        .map(|duration| {
+            let samples = (duration.as_secs_f64() * test.sample_rate as f64).ceil() as u64;
+            format!(" num-buffers={}", samples.div_ceil(SAMPLES_PER_BUFFER))
+        })
+        .unwrap_or_default();
+    format!(
+        "audiotestsrc is-live={} wave={} freq={} volume={} samplesperbuffer={SAMPLES_PER_BUFFER}{num_buffers} {} ! \
+         audio/x-raw,rate={},channels=1",
+        test.is_live, test.wave, test.freq, test.volume, test.audio_extra, test.sample_rate
+    )
+}
+
+/// Quotes a property value for gst-launch syntax.
+fn quote(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::RestartSettings;
+
+    fn source(kind: SourceKind) -> SourceSettings {
+        SourceSettings {
+            name: "s".into(),
+            kind,
+            video: true,
+            audio: true,
+            restart: RestartSettings {
+                stall_timeout: Duration::from_secs(5),
+                backoff_initial: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(60),
+            },
+            max_fps: None,
+        }
+    }
+
+    fn check(kind: SourceKind, expected_parts: &[&str]) {
+        let text = describe(
+            &source(kind),
+            CaptureFormat { video: Some((64, 48)), audio: Some(16_000) },
+            SinkMode { sync: false },
+        );
+        for part in expected_parts {
+            assert!(text.contains(part), "{part:?} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn every_kind_ends_in_both_sinks_with_model_formats() {
+        let tails =
+            ["format=RGB,width=64,height=48", "appsink name=video", "channels=1,rate=16000", "appsink name=audio"];
+        check(SourceKind::Uri { uri: "file:///x.webm".into() }, &tails);
+        check(
+            SourceKind::Rtsp {
+                url: "rtsp://h/p".into(),
+                latency: Duration::from_millis(200),
+                protocols: Some("tcp".into()),
+            },
+            &tails,
+        );
+        check(
+            SourceKind::V4l2 {
+                video_device: "/dev/video0".into(),
+                video_caps: None,
+                audio_device: Some("hw:1".into()),
+            },
+            &tails,
+        );
+        check(
+            SourceKind::Pipeline {
+                video_pipeline: Some("videotestsrc".into()),
+                audio_pipeline: Some("audiotestsrc".into()),
+            },
+            &tails,
+        );
+    }
+
+    #[test]
+    fn test_source_duration_sets_buffer_counts() {
+        let test = TestSource {
+            pattern: "ball".into(),
+            wave: "sine".into(),
+            freq: 440.0,
+            volume: 0.5,
+            is_live: false,
+            width: 320,
+            height: 240,
+            fps: 25,
+            sample_rate: 48_000,
+            video_extra: String::new(),
+            audio_extra: String::new(),
+            duration: Some(Duration::from_secs(2)),
+        };
+        // 2 s at 25 fps = 50 frames; 96000 samples / 1024 = 94 buffers.
+        check(SourceKind::Test(test), &["num-buffers=50", "num-buffers=94", "pattern=ball", "is-live=false"]);
+    }
+
+    #[test]
+    fn quote_escapes() {
+        assert_eq!(quote(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+}

@@ -1,0 +1,547 @@
+//! Capture: one GStreamer pipeline per source, each with a video and an audio appsink, and a
+//! supervisor thread that rebuilds a failed live source with exponential backoff and jitter.
+//!
+//! Only this module touches GStreamer. Appsink callbacks copy the buffer into a plain
+//! [`VideoFrame`] / [`AudioChunk`] and hand it off on a channel; nothing heavy runs on a
+//! streaming thread. Timestamps are converted to the pipeline's running time, so the two
+//! streams of a source share one clock.
+
+mod describe;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use crossbeam_channel::{Sender, TrySendError};
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
+use time::OffsetDateTime;
+
+pub use describe::{AUDIO_SINK, CaptureFormat, SinkMode, VIDEO_SINK, describe};
+
+use crate::config::SourceSettings;
+use crate::media::{AudioChunk, RunningTime, VideoFrame};
+use crate::telemetry;
+
+/// Which stream of a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Modality {
+    Video,
+    Audio,
+}
+
+/// A source's health as users see it on the status topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceStatus {
+    /// Every enabled stream is flowing.
+    Online,
+    /// One of two streams has stalled; the other still flows.
+    Degraded,
+    /// Not running: starting, failed and waiting to restart, or stopped.
+    Offline,
+}
+
+impl SourceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceStatus::Online => "online",
+            SourceStatus::Degraded => "degraded",
+            SourceStatus::Offline => "offline",
+        }
+    }
+}
+
+/// What capture hands to the window stage. `generation` counts pipeline incarnations of a
+/// source: running time restarts at zero with each one.
+#[derive(Debug)]
+pub enum CaptureEvent {
+    /// A new incarnation is playing; `utc_origin` is the UTC time at running time zero.
+    Started {
+        source_idx: usize,
+        generation: u64,
+        utc_origin: OffsetDateTime,
+    },
+    Frame {
+        source_idx: usize,
+        generation: u64,
+        frame: VideoFrame,
+        arrival: RunningTime,
+    },
+    Audio {
+        source_idx: usize,
+        generation: u64,
+        chunk: AudioChunk,
+        arrival: RunningTime,
+    },
+    /// One stream of an incarnation ended normally (end of a file).
+    StreamEnded {
+        source_idx: usize,
+        generation: u64,
+        modality: Modality,
+    },
+    /// The incarnation is gone (failure or stop); its partial windows are discarded.
+    Stopped {
+        source_idx: usize,
+        generation: u64,
+    },
+    Status {
+        source_idx: usize,
+        status: SourceStatus,
+        detail: String,
+    },
+    /// A non-live source played to its end; nothing more will come from it.
+    Finished {
+        source_idx: usize,
+    },
+    /// The source gave up (a file that cannot be read); `message` says why.
+    Failed {
+        source_idx: usize,
+        message: String,
+    },
+}
+
+/// Options of one capture run.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureOptions {
+    pub format: CaptureFormat,
+    pub mode: SinkMode,
+    /// Block the streaming thread when the consumer is behind (files: nothing is lost)
+    /// instead of dropping (live sources must not stall their device).
+    pub lossless: bool,
+}
+
+/// Controls a running source.
+pub struct SourceHandle {
+    control: Arc<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Control {
+    stop: AtomicBool,
+    inject_error: AtomicBool,
+    restarts: AtomicU64,
+}
+
+impl SourceHandle {
+    /// Asks the supervisor to stop the pipeline; `join` waits for it.
+    pub fn stop(&self) {
+        self.control.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Posts an error on the pipeline's bus, as a failing element would (diagnostics, tests).
+    pub fn inject_error(&self) {
+        self.control.inject_error.store(true, Ordering::SeqCst);
+    }
+
+    /// How many times the pipeline was rebuilt after a failure.
+    pub fn restarts(&self) -> u64 {
+        self.control.restarts.load(Ordering::SeqCst)
+    }
+
+    pub fn join(mut self) {
+        self.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|thread| thread.is_finished())
+    }
+}
+
+impl Drop for SourceHandle {
+    fn drop(&mut self) {
+        self.control.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Initialises GStreamer once; safe to call many times.
+pub fn init() -> anyhow::Result<()> {
+    gst::init().context("initialising GStreamer")
+}
+
+/// Starts `source` on its own supervisor thread.
+pub fn spawn(
+    source_idx: usize,
+    source: SourceSettings,
+    options: CaptureOptions,
+    events: Sender<CaptureEvent>,
+) -> anyhow::Result<SourceHandle> {
+    init()?;
+    let control = Arc::new(Control {
+        stop: AtomicBool::new(false),
+        inject_error: AtomicBool::new(false),
+        restarts: AtomicU64::new(0),
+    });
+    let thread_control = control.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("capture-{}", source.name))
+        .spawn(move || Supervisor { source_idx, source, options, events, control: thread_control }.run())
+        .context("spawning the capture thread")?;
+    Ok(SourceHandle { control, thread: Some(thread) })
+}
+
+struct Supervisor {
+    source_idx: usize,
+    source: SourceSettings,
+    options: CaptureOptions,
+    events: Sender<CaptureEvent>,
+    control: Arc<Control>,
+}
+
+/// How one incarnation ended.
+enum Outcome {
+    Stopped,
+    Finished,
+    Failed(String),
+}
+
+/// A pipeline that ran this long without failing resets the backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+impl Supervisor {
+    fn run(self) {
+        let mut backoff = self.source.restart.backoff_initial;
+        let mut generation = 0;
+        loop {
+            generation += 1;
+            let started = Instant::now();
+            let outcome = self.run_once(generation);
+            let _ = self.events.send(CaptureEvent::Stopped { source_idx: self.source_idx, generation });
+            match outcome {
+                Outcome::Stopped => {
+                    self.status(SourceStatus::Offline, "stopped");
+                    return;
+                }
+                Outcome::Finished => {
+                    self.status(SourceStatus::Offline, "end of stream");
+                    let _ = self.events.send(CaptureEvent::Finished { source_idx: self.source_idx });
+                    return;
+                }
+                Outcome::Failed(reason) => {
+                    self.status(SourceStatus::Offline, &reason);
+                    if !self.source.kind.is_live() {
+                        // A file that fails will fail again: report and give up.
+                        let _ = self.events.send(CaptureEvent::Failed { source_idx: self.source_idx, message: reason });
+                        return;
+                    }
+                    if started.elapsed() >= HEALTHY_RUN {
+                        backoff = self.source.restart.backoff_initial;
+                    }
+                    let wait = jittered(backoff);
+                    telemetry::source_failed(&self.source.name, &reason, wait);
+                    if self.sleep_unless_stopped(wait) {
+                        self.status(SourceStatus::Offline, "stopped");
+                        return;
+                    }
+                    backoff = (backoff * 2).min(self.source.restart.backoff_max);
+                    self.control.restarts.fetch_add(1, Ordering::SeqCst);
+                    telemetry::source_restarted(&self.source.name, generation + 1);
+                }
+            }
+        }
+    }
+
+    fn status(&self, status: SourceStatus, detail: &str) {
+        let _ =
+            self.events.send(CaptureEvent::Status { source_idx: self.source_idx, status, detail: detail.to_string() });
+    }
+
+    /// Sleeps `wait` in small steps; true when asked to stop meanwhile.
+    fn sleep_unless_stopped(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if self.control.stop.load(Ordering::SeqCst) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20).min(deadline.saturating_duration_since(Instant::now())));
+        }
+        self.control.stop.load(Ordering::SeqCst)
+    }
+
+    fn run_once(&self, generation: u64) -> Outcome {
+        let description = describe(&self.source, self.options.format, self.options.mode);
+        tracing::debug!(source = %self.source.name, generation, pipeline = %description, "building pipeline");
+        let pipeline = match gst::parse::launch(&description) {
+            Ok(element) => match element.downcast::<gst::Pipeline>() {
+                Ok(pipeline) => pipeline,
+                Err(_) => return Outcome::Failed("the description is not a pipeline".into()),
+            },
+            Err(err) => return Outcome::Failed(format!("cannot build the pipeline: {err}")),
+        };
+        let shared = Arc::new(Shared {
+            source_idx: self.source_idx,
+            source_name: self.source.name.clone(),
+            generation,
+            events: self.events.clone(),
+            lossless: self.options.lossless,
+            epoch: Instant::now(),
+            last_video_ms: AtomicU64::new(0),
+            last_audio_ms: AtomicU64::new(0),
+            started: OnceLock::new(),
+            pipeline: pipeline.downgrade(),
+        });
+        let video = self.options.format.video.is_some() && self.source.video;
+        let audio = self.options.format.audio.is_some() && self.source.audio;
+        if video && let Err(err) = attach(&pipeline, VIDEO_SINK, Modality::Video, shared.clone()) {
+            return Outcome::Failed(err.to_string());
+        }
+        if audio && let Err(err) = attach(&pipeline, AUDIO_SINK, Modality::Audio, shared.clone()) {
+            return Outcome::Failed(err.to_string());
+        }
+        let outcome = self.watch(&pipeline, &shared, video, audio);
+        // Nothing waits on this bus any more; Null stops the streaming threads.
+        let _ = pipeline.set_state(gst::State::Null);
+        outcome
+    }
+
+    fn watch(&self, pipeline: &gst::Pipeline, shared: &Shared, video: bool, audio: bool) -> Outcome {
+        let Some(bus) = pipeline.bus() else { return Outcome::Failed("pipeline without a bus".into()) };
+        if let Err(err) = pipeline.set_state(gst::State::Playing) {
+            // The reason is on the bus ("Resource not found", ...).
+            let reason = bus
+                .timed_pop_filtered(gst::ClockTime::from_mseconds(500), &[gst::MessageType::Error])
+                .and_then(|message| match message.view() {
+                    gst::MessageView::Error(error) => Some(error_text(error)),
+                    _ => None,
+                })
+                .unwrap_or_else(|| format!("cannot start: {err}"));
+            return Outcome::Failed(reason);
+        }
+        let stall = self.source.restart.stall_timeout;
+        let mut video_ended = !video;
+        let mut audio_ended = !audio;
+        let mut status = SourceStatus::Offline;
+        loop {
+            if self.control.stop.load(Ordering::SeqCst) {
+                return Outcome::Stopped;
+            }
+            if self.control.inject_error.swap(false, Ordering::SeqCst) {
+                let error = gst::message::Error::builder(gst::CoreError::Failed, "error injected on request")
+                    .src(pipeline)
+                    .build();
+                let _ = bus.post(error);
+            }
+            if let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(50)) {
+                match message.view() {
+                    gst::MessageView::Error(error) => return Outcome::Failed(error_text(error)),
+                    gst::MessageView::Warning(warning) => {
+                        tracing::warn!(source = %self.source.name, warning = %warning.error(), debug = ?warning.debug(), "pipeline warning");
+                    }
+                    gst::MessageView::Eos(_) => {
+                        if self.source.kind.is_live() {
+                            return Outcome::Failed("end of stream on a live source".into());
+                        }
+                        return Outcome::Finished;
+                    }
+                    gst::MessageView::Application(app)
+                        if app.structure().is_some_and(|s| s.name() == "mbt-edge-stream-ended") =>
+                    {
+                        let modality = app.structure().and_then(|s| s.get::<bool>("video").ok());
+                        match modality {
+                            Some(true) => video_ended = true,
+                            Some(false) => audio_ended = true,
+                            None => {}
+                        }
+                        if video_ended && audio_ended && !self.source.kind.is_live() {
+                            return Outcome::Finished;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // Stall detection, on the supervisor's own monotonic clock.
+            let now_ms = shared.epoch.elapsed().as_millis() as u64;
+            let stalled = |last: &AtomicU64, ended: bool| {
+                let last = last.load(Ordering::Relaxed);
+                !ended && now_ms.saturating_sub(last) > stall.as_millis() as u64
+            };
+            let video_stalled = video && stalled(&shared.last_video_ms, video_ended);
+            let audio_stalled = audio && stalled(&shared.last_audio_ms, audio_ended);
+            let flowing = (video && !video_stalled && !video_ended) || (audio && !audio_stalled && !audio_ended);
+            if (video_stalled || audio_stalled) && !flowing {
+                let which = match (video_stalled, audio_stalled) {
+                    (true, true) => "video and audio",
+                    (true, false) => "video",
+                    _ => "audio",
+                };
+                return Outcome::Failed(format!("no {which} for {stall:?}"));
+            }
+            let new_status = if video_stalled || audio_stalled {
+                SourceStatus::Degraded
+            } else if shared.started.get().is_some() {
+                SourceStatus::Online
+            } else {
+                status
+            };
+            if new_status != status {
+                status = new_status;
+                let detail = if status == SourceStatus::Degraded {
+                    if video_stalled { "video stalled" } else { "audio stalled" }
+                } else {
+                    "playing"
+                };
+                self.status(status, detail);
+            }
+        }
+    }
+}
+
+fn error_text(error: &gst::message::Error) -> String {
+    let source = error.src().map(|src| src.path_string().to_string()).unwrap_or_default();
+    match error.debug() {
+        Some(debug) => format!("{} ({source}: {debug})", error.error()),
+        None => format!("{} ({source})", error.error()),
+    }
+}
+
+/// State the appsink callbacks of one incarnation share with the supervisor.
+struct Shared {
+    source_idx: usize,
+    source_name: String,
+    generation: u64,
+    events: Sender<CaptureEvent>,
+    lossless: bool,
+    epoch: Instant,
+    last_video_ms: AtomicU64,
+    last_audio_ms: AtomicU64,
+    /// Set by the first buffer of either stream; sends `Started` exactly once, before any data.
+    started: OnceLock<()>,
+    pipeline: gst::glib::WeakRef<gst::Pipeline>,
+}
+
+impl Shared {
+    fn ensure_started(&self, running_time: RunningTime) {
+        self.started.get_or_init(|| {
+            let utc_origin = OffsetDateTime::now_utc() - running_time.as_duration();
+            let _ = self.events.send(CaptureEvent::Started {
+                source_idx: self.source_idx,
+                generation: self.generation,
+                utc_origin,
+            });
+        });
+    }
+
+    fn send(&self, event: CaptureEvent, modality: Modality) {
+        if self.lossless {
+            let _ = self.events.send(event);
+            return;
+        }
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => telemetry::capture_buffer_dropped(&self.source_name, modality),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    fn touch(&self, modality: Modality) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        match modality {
+            Modality::Video => self.last_video_ms.store(now, Ordering::Relaxed),
+            Modality::Audio => self.last_audio_ms.store(now, Ordering::Relaxed),
+        }
+    }
+
+    fn stream_ended(&self, modality: Modality) {
+        let _ = self.events.send(CaptureEvent::StreamEnded {
+            source_idx: self.source_idx,
+            generation: self.generation,
+            modality,
+        });
+        if let Some(pipeline) = self.pipeline.upgrade() {
+            let structure =
+                gst::Structure::builder("mbt-edge-stream-ended").field("video", modality == Modality::Video).build();
+            let _ = pipeline.post_message(gst::message::Application::new(structure));
+        }
+    }
+}
+
+fn attach(pipeline: &gst::Pipeline, name: &str, modality: Modality, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let sink = pipeline
+        .by_name(name)
+        .ok_or_else(|| anyhow!("the pipeline has no element named {name:?}"))?
+        .downcast::<gst_app::AppSink>()
+        .map_err(|_| anyhow!("element {name:?} is not an appsink"))?;
+    let eos_shared = shared.clone();
+    let callbacks = gst_app::AppSinkCallbacks::builder()
+        .new_sample(move |sink| {
+            let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+            if let Err(err) = on_sample(sink, &sample, modality, &shared) {
+                tracing::warn!(source = %shared.source_name, ?modality, error = %err, "dropping a buffer that cannot be read");
+            }
+            Ok(gst::FlowSuccess::Ok)
+        })
+        .eos(move |_| eos_shared.stream_ended(modality))
+        .build();
+    sink.set_callbacks(callbacks);
+    Ok(())
+}
+
+/// Copies one sample into plain data and hands it off. Runs on a streaming thread: cheap.
+fn on_sample(sink: &gst_app::AppSink, sample: &gst::Sample, modality: Modality, shared: &Shared) -> anyhow::Result<()> {
+    let buffer = sample.buffer().ok_or_else(|| anyhow!("sample without a buffer"))?;
+    let pts = buffer.pts().ok_or_else(|| anyhow!("buffer without a timestamp"))?;
+    let segment = sample
+        .segment()
+        .and_then(|segment| segment.downcast_ref::<gst::ClockTime>())
+        .ok_or_else(|| anyhow!("sample without a time segment"))?;
+    let running = segment.to_running_time(pts).ok_or_else(|| anyhow!("timestamp outside the segment"))?;
+    let running = RunningTime::from_nanos(running.nseconds());
+    let arrival = sink.current_running_time().map(|time| RunningTime::from_nanos(time.nseconds())).unwrap_or(running);
+    shared.ensure_started(arrival);
+    shared.touch(modality);
+    let event = match modality {
+        Modality::Video => {
+            let caps = sample.caps().ok_or_else(|| anyhow!("video sample without caps"))?;
+            let info = gst_video::VideoInfo::from_caps(caps).context("reading video caps")?;
+            let frame =
+                gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).context("mapping the frame")?;
+            let (width, height) = (info.width(), info.height());
+            let row_bytes = width as usize * 3;
+            let stride = frame.plane_stride()[0] as usize;
+            let data = frame.plane_data(0).context("reading the frame")?;
+            let mut rgb = Vec::with_capacity(row_bytes * height as usize);
+            for row in 0..height as usize {
+                rgb.extend_from_slice(&data[row * stride..row * stride + row_bytes]);
+            }
+            let duration = buffer.duration().map(|duration| Duration::from_nanos(duration.nseconds()));
+            CaptureEvent::Frame {
+                source_idx: shared.source_idx,
+                generation: shared.generation,
+                frame: VideoFrame { pts: running, duration, width, height, rgb },
+                arrival,
+            }
+        }
+        Modality::Audio => {
+            let map = buffer.map_readable().context("mapping audio")?;
+            let samples = map
+                .as_slice()
+                .chunks_exact(4)
+                .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+                .collect();
+            CaptureEvent::Audio {
+                source_idx: shared.source_idx,
+                generation: shared.generation,
+                chunk: AudioChunk { pts: running, samples },
+                arrival,
+            }
+        }
+    };
+    shared.send(event, modality);
+    Ok(())
+}
+
+/// `base` scaled by a random factor in [0.75, 1.25) so that many boxes don't retry in step.
+fn jittered(base: Duration) -> Duration {
+    let factor: f64 = 0.75 + rand::random::<f64>() * 0.5;
+    base.mul_f64(factor)
+}

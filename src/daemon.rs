@@ -1,0 +1,217 @@
+//! Wiring of the stages for the commands: load and cross-check config and model, start the
+//! sources, run the window stage, hand windows on. No stage logic lives here.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
+use time::OffsetDateTime;
+
+use crate::capture::{self, CaptureFormat, CaptureOptions, SinkMode, SourceHandle};
+use crate::config::{ConfigError, FieldError, Settings, SourceSettings};
+use crate::model::ModelInfo;
+use crate::stage::{StageOutput, WindowStage};
+use crate::window::WindowSettings;
+
+/// sysexits codes the commands end with.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// EX_DATAERR: bad command-line usage is clap's 2; a failure inside a run is this.
+    pub const FAILURE: u8 = 1;
+    /// EX_NOINPUT: an input file cannot be read.
+    pub const NO_INPUT: u8 = 66;
+    /// EX_SOFTWARE: an internal error.
+    pub const SOFTWARE: u8 = 70;
+    /// EX_CONFIG: the configuration or the model is invalid.
+    pub const CONFIG: u8 = 78;
+}
+
+/// An error with the exit code it ends the process with.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn config(error: impl Into<anyhow::Error>) -> Self {
+        Failure { code: exit::CONFIG, error: error.into() }
+    }
+    pub fn other(error: impl Into<anyhow::Error>) -> Self {
+        Failure { code: exit::FAILURE, error: error.into() }
+    }
+}
+
+/// Configuration and model, checked against each other.
+pub struct Prepared {
+    pub settings: Settings,
+    pub model: ModelInfo,
+    pub window_length: Duration,
+}
+
+/// Loads config and model and checks that they fit together (exit 78 otherwise).
+pub fn prepare(config_path: &Path) -> Result<Prepared, Failure> {
+    let settings = Settings::load(config_path).map_err(Failure::config)?;
+    let model = ModelInfo::read(&settings.model.path).map_err(|err| {
+        let text = std::fs::read_to_string(config_path).unwrap_or_default();
+        let located = crate::config::place(
+            config_path,
+            &text,
+            FieldError::new("model.path", model_path_span(&text), err.to_string()),
+        );
+        Failure::config(located)
+    })?;
+    let model_length = model.metadata.window_length();
+    let window_length = match settings.window.seconds {
+        Some(seconds) if seconds.abs_diff(model_length) > Duration::from_micros(1) => {
+            return Err(Failure::config(config_error(
+                config_path,
+                "window.seconds",
+                format!(
+                    "{seconds:?} differs from the model's window of {model_length:?}; remove the key or set it to the model's"
+                ),
+            )));
+        }
+        _ => model_length,
+    };
+    for (idx, source) in settings.sources.iter().enumerate() {
+        if source.video && model.metadata.video.is_none() && !source.audio {
+            return Err(Failure::config(config_error(
+                config_path,
+                &format!("source[{idx}].video"),
+                format!("source {:?} gives only video but model {} takes only audio", source.name, model.name()),
+            )));
+        }
+        if source.audio && model.metadata.audio.is_none() && !source.video {
+            return Err(Failure::config(config_error(
+                config_path,
+                &format!("source[{idx}].audio"),
+                format!("source {:?} gives only audio but model {} takes only video", source.name, model.name()),
+            )));
+        }
+    }
+    Ok(Prepared { settings, model, window_length })
+}
+
+fn config_error(path: &Path, key: &str, message: String) -> ConfigError {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let span = find_key_span(&text, key);
+    crate::config::place(path, &text, FieldError::new(key, span, message))
+}
+
+/// Best effort: the span of the last segment of `key` in the file, for line numbers.
+fn find_key_span(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let last = key.rsplit('.').next()?;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with(last) && trimmed[last.len()..].trim_start().starts_with('=') {
+            let start = offset + (line.len() - trimmed.len());
+            return Some(start..start + last.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+fn model_path_span(text: &str) -> Option<std::ops::Range<usize>> {
+    find_key_span(text, "model.path")
+}
+
+impl Prepared {
+    /// The formats capture must deliver for `source`.
+    pub fn capture_format(&self, source: &SourceSettings) -> CaptureFormat {
+        CaptureFormat {
+            video: self.model.metadata.video.as_ref().filter(|_| source.video).map(|video| (video.width, video.height)),
+            audio: self.model.metadata.audio.as_ref().filter(|_| source.audio).map(|audio| audio.sample_rate),
+        }
+    }
+
+    /// Window settings for `source`.
+    pub fn window_settings(&self, source: &SourceSettings) -> WindowSettings {
+        let format = self.capture_format(source);
+        WindowSettings {
+            length: self.window_length,
+            hop: self.settings.window.hop,
+            n_frames: self.model.metadata.video.as_ref().map_or(0, |video| video.frames),
+            sample_rate: self.model.metadata.audio.as_ref().map_or(16_000, |audio| audio.sample_rate),
+            video: format.video.is_some(),
+            audio: format.audio.is_some(),
+            max_lead: self.settings.window.max_lead,
+            max_wait: self.settings.window.max_wait,
+        }
+    }
+}
+
+/// Sources started for one command, with the window stage running on the caller's thread.
+pub struct Sources {
+    pub handles: Vec<SourceHandle>,
+    events: Receiver<capture::CaptureEvent>,
+    stage: WindowStage,
+    remaining: usize,
+}
+
+impl Sources {
+    /// Starts `sources`. `realtime` plays files at their own pace (the daemon); otherwise they
+    /// run as fast as possible and nothing is dropped (classify, record).
+    pub fn start(prepared: &Prepared, sources: &[SourceSettings], realtime: bool) -> anyhow::Result<Sources> {
+        let (sender, events) = bounded(1024);
+        let mut handles = Vec::new();
+        let mut stage_sources = Vec::new();
+        for (idx, source) in sources.iter().enumerate() {
+            let live = source.kind.is_live();
+            let options = CaptureOptions {
+                format: prepared.capture_format(source),
+                mode: SinkMode { sync: realtime && !live },
+                lossless: !live,
+            };
+            stage_sources.push((source.name.clone(), prepared.window_settings(source), live));
+            handles.push(capture::spawn(idx, source.clone(), options, sender.clone())?);
+        }
+        Ok(Sources { handles, events, stage: WindowStage::new(stage_sources), remaining: sources.len() })
+    }
+
+    /// Runs the window stage until every source has finished or `stop` is set; each output
+    /// goes to `sink`.
+    pub fn run(&mut self, stop: &AtomicBool, mut sink: impl FnMut(&WindowStage, StageOutput)) {
+        while self.remaining > 0 && !stop.load(Ordering::SeqCst) {
+            match self.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(event) => {
+                    for output in self.stage.handle(event) {
+                        if matches!(output, StageOutput::Finished { .. } | StageOutput::Failed { .. }) {
+                            self.remaining -= 1;
+                        }
+                        sink(&self.stage, output);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            for output in self.stage.poll(OffsetDateTime::now_utc()) {
+                sink(&self.stage, output);
+            }
+        }
+    }
+
+    /// Stops every source and waits for its thread.
+    pub fn stop(self) {
+        for handle in &self.handles {
+            handle.stop();
+        }
+        drop(self.events);
+        for handle in self.handles {
+            handle.join();
+        }
+    }
+}
+
+/// SIGTERM and SIGINT set the returned flag.
+pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    Ok(stop)
+}

@@ -1,0 +1,14 @@
+//! mbt-edge: capture -> window -> features -> model -> events -> publish.
+//!
+//! The binary (`main.rs`) is a thin command line over these stages; tests drive them
+//! directly and through the binary.
+
+pub mod capture;
+pub mod config;
+pub mod daemon;
+pub mod features;
+pub mod media;
+pub mod model;
+pub mod stage;
+pub mod telemetry;
+pub mod window;

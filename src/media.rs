@@ -1,0 +1,83 @@
+//! Plain media data passed between stages: pipeline timestamps, video frames and audio
+//! chunks. No GStreamer types here, so `window`, `features` and tests can use them freely.
+
+use std::time::Duration;
+
+/// Running time of a capture pipeline: time since it went to PLAYING, on the pipeline's clock.
+/// Both appsinks of one pipeline stamp buffers in this time base; it restarts at zero when a
+/// source is rebuilt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RunningTime(pub Duration);
+
+impl RunningTime {
+    pub const ZERO: RunningTime = RunningTime(Duration::ZERO);
+
+    pub fn from_nanos(nanos: u64) -> Self {
+        RunningTime(Duration::from_nanos(nanos))
+    }
+
+    pub fn from_secs_f64(seconds: f64) -> Self {
+        RunningTime(Duration::from_secs_f64(seconds.max(0.0)))
+    }
+
+    pub fn as_duration(self) -> Duration {
+        self.0
+    }
+
+    pub fn as_nanos(self) -> u128 {
+        self.0.as_nanos()
+    }
+
+    pub fn saturating_sub(self, duration: Duration) -> RunningTime {
+        RunningTime(self.0.saturating_sub(duration))
+    }
+
+    /// Signed difference `self - other`.
+    pub fn signed_diff(self, other: RunningTime) -> time::Duration {
+        let a = self.0.as_nanos() as i128;
+        let b = other.0.as_nanos() as i128;
+        time::Duration::nanoseconds_i128(a - b)
+    }
+}
+
+impl std::ops::Add<Duration> for RunningTime {
+    type Output = RunningTime;
+    fn add(self, rhs: Duration) -> RunningTime {
+        RunningTime(self.0 + rhs)
+    }
+}
+
+/// One RGB frame, 8 bits per channel, rows packed without padding, at the model's frame size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoFrame {
+    pub pts: RunningTime,
+    /// Buffer duration when the source states it.
+    pub duration: Option<Duration>,
+    pub width: u32,
+    pub height: u32,
+    /// `height * width * 3` bytes, row-major RGB.
+    pub rgb: Vec<u8>,
+}
+
+impl VideoFrame {
+    /// A frame of one colour, for tests and gap fill.
+    pub fn solid(pts: RunningTime, width: u32, height: u32, rgb: [u8; 3]) -> Self {
+        let pixels = (width * height) as usize;
+        let mut data = Vec::with_capacity(pixels * 3);
+        for _ in 0..pixels {
+            data.extend_from_slice(&rgb);
+        }
+        VideoFrame { pts, duration: None, width, height, rgb: data }
+    }
+
+    pub fn end(&self) -> RunningTime {
+        self.pts + self.duration.unwrap_or(Duration::ZERO)
+    }
+}
+
+/// Mono f32 samples at the model's sample rate, starting at `pts`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioChunk {
+    pub pts: RunningTime,
+    pub samples: Vec<f32>,
+}

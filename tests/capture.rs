@@ -1,0 +1,301 @@
+//! Capture and windowing on real GStreamer pipelines: live test sources, files made with
+//! gst-launch-1.0 in the test, an injected pipeline error, a live source that ends, a clean
+//! stop. No model is involved: the formats are given directly.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, bounded};
+use mbt_edge::capture::{self, CaptureEvent, CaptureFormat, CaptureOptions, SinkMode, SourceStatus};
+use mbt_edge::config::{RestartSettings, Settings, SourceSettings};
+use mbt_edge::stage::{StageOutput, WindowStage};
+use mbt_edge::window::{Window, WindowSettings};
+
+const WIDTH: u32 = 64;
+const HEIGHT: u32 = 48;
+const RATE: u32 = 16_000;
+const FRAMES: usize = 8;
+
+fn source_from_toml(body: &str) -> SourceSettings {
+    let text = format!("[model]\npath = \"m.onnx\"\n\n[[source]]\nname = \"s\"\n{body}\n");
+    Settings::from_toml_str(Path::new("test.toml"), &text).unwrap_or_else(|err| panic!("{err}")).sources.remove(0)
+}
+
+fn window_settings(length: Duration, hop: Duration) -> WindowSettings {
+    WindowSettings {
+        length,
+        hop,
+        n_frames: FRAMES,
+        sample_rate: RATE,
+        video: true,
+        audio: true,
+        max_lead: Duration::from_secs(30),
+        max_wait: Duration::from_secs(2),
+    }
+}
+
+fn format() -> CaptureFormat {
+    CaptureFormat { video: Some((WIDTH, HEIGHT)), audio: Some(RATE) }
+}
+
+struct Run {
+    windows: Vec<Window>,
+    statuses: Vec<(SourceStatus, String)>,
+    finished: bool,
+    failed: Option<String>,
+}
+
+/// Runs `source` through capture and the window stage until it finishes, fails, or `until`
+/// says stop (checked after each output), or `deadline` passes.
+fn drive(
+    source: SourceSettings,
+    settings: WindowSettings,
+    deadline: Duration,
+    mut on_output: impl FnMut(&capture::SourceHandle, &Run),
+    until: impl Fn(&Run) -> bool,
+) -> (Run, capture::SourceHandle) {
+    let live = source.kind.is_live();
+    let (sender, receiver) = bounded(256);
+    let options = CaptureOptions { format: format(), mode: SinkMode { sync: false }, lossless: !live };
+    let handle = capture::spawn(0, source.clone(), options, sender).expect("spawn");
+    let mut stage = WindowStage::new(vec![(source.name.clone(), settings, live)]);
+    let mut run = Run { windows: Vec::new(), statuses: Vec::new(), finished: false, failed: None };
+    let start = Instant::now();
+    while start.elapsed() < deadline && !run.finished && run.failed.is_none() && !until(&run) {
+        let Some(event) = next(&receiver) else { continue };
+        for output in stage.handle(event) {
+            match output {
+                StageOutput::Window(window) => run.windows.push(window),
+                StageOutput::Status { status, detail, .. } => run.statuses.push((status, detail)),
+                StageOutput::Finished { .. } => run.finished = true,
+                StageOutput::Failed { message, .. } => run.failed = Some(message),
+            }
+            on_output(&handle, &run);
+        }
+    }
+    (run, handle)
+}
+
+fn next(receiver: &Receiver<CaptureEvent>) -> Option<CaptureEvent> {
+    receiver.recv_timeout(Duration::from_millis(100)).ok()
+}
+
+/// Every window has F frames and exactly t * rate samples, frames sit within one frame
+/// period of their sampling targets, and audio is cut at the window's start on the same clock.
+fn check_window_shape(window: &Window, frame_period: Duration) {
+    let length = window.end.as_duration() - window.start.as_duration();
+    assert_eq!(window.frames.len(), FRAMES, "window {}", window.index);
+    assert_eq!(window.audio.len() as u128, length.as_nanos() * RATE as u128 / 1_000_000_000, "window {}", window.index);
+    for (frame_idx, frame) in window.frames.iter().enumerate() {
+        assert_eq!((frame.width, frame.height, frame.rgb.len()), (WIDTH, HEIGHT, (WIDTH * HEIGHT * 3) as usize));
+        let interval = length / FRAMES as u32;
+        let target = window.start.as_duration() + interval * frame_idx as u32 + interval / 2;
+        let distance = frame.pts.as_duration().abs_diff(target);
+        assert!(distance <= frame_period, "window {} frame {frame_idx}: {distance:?} from its target", window.index);
+    }
+    let expected_first = (window.start.as_duration().as_nanos() * RATE as u128 / 1_000_000_000) as i64;
+    assert_eq!(window.first_sample, expected_first);
+}
+
+#[test]
+fn non_live_test_source_gives_the_exact_window_count() {
+    let source = source_from_toml(
+        "kind = \"test\"\nis_live = false\nduration = 6\nfps = 25\nsample_rate = 48000\npattern = \"ball\"\nwidth = 320\nheight = 240",
+    );
+    let (run, _handle) = drive(
+        source,
+        window_settings(Duration::from_secs(2), Duration::from_secs(1)),
+        Duration::from_secs(60),
+        |_, _| {},
+        |_| false,
+    );
+    assert!(run.finished, "the source must finish; failed: {:?}", run.failed);
+    // 6 s of media, 2 s windows every 1 s: windows start at 0, 1, 2, 3, 4.
+    let starts: Vec<u64> = run.windows.iter().map(|window| window.start.as_duration().as_secs()).collect();
+    assert_eq!(starts, [0, 1, 2, 3, 4]);
+    for window in &run.windows {
+        check_window_shape(window, Duration::from_millis(40));
+        assert_eq!(window.stats.video_gap_frames, 0);
+        assert_eq!(window.stats.audio_gap_samples, 0, "window {}", window.index);
+        assert!(window.degraded.is_none());
+    }
+    // The tone is really there: 440 Hz sine at volume 0.8, resampled to mono 16 kHz.
+    let peak = run.windows[0].audio.iter().fold(0f32, |peak, sample| peak.max(sample.abs()));
+    assert!((0.7..0.9).contains(&peak), "peak {peak}");
+}
+
+/// VP8 + Opus WebM, 640x480 at 30 fps and 48 kHz stereo, 5 s long.
+fn make_webm(path: &Path) {
+    let status = Command::new("gst-launch-1.0")
+        .args(["-q", "webmmux", "name=mux", "!", "filesink"])
+        .arg(format!("location={}", path.display()))
+        .args([
+            "videotestsrc",
+            "num-buffers=150",
+            "pattern=smpte",
+            "!",
+            "video/x-raw,width=640,height=480,framerate=30/1",
+        ])
+        .args(["!", "vp8enc", "deadline=1", "!", "queue", "!", "mux."])
+        .args([
+            "audiotestsrc",
+            "num-buffers=250",
+            "samplesperbuffer=960",
+            "wave=sine",
+            "freq=1000",
+            "!",
+            "audio/x-raw,rate=48000,channels=2",
+        ])
+        .args(["!", "opusenc", "!", "queue", "!", "mux."])
+        .status()
+        .expect("gst-launch-1.0 runs");
+    assert!(status.success(), "making the test file failed");
+}
+
+#[test]
+fn webm_file_gives_aligned_exact_windows_and_ends_at_eos() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("clip.webm");
+    make_webm(&path);
+    let source = source_from_toml(&format!("kind = \"uri\"\nuri = \"{}\"", path.display()));
+    let (run, _handle) = drive(
+        source,
+        window_settings(Duration::from_secs(2), Duration::from_millis(500)),
+        Duration::from_secs(120),
+        |_, _| {},
+        |_| false,
+    );
+    assert!(run.finished, "failed: {:?}", run.failed);
+    // 5 s of media, 2 s windows every 0.5 s: starts 0, 0.5, ..., 3.0 (7 windows).
+    let starts: Vec<u128> = run.windows.iter().map(|window| window.start.as_duration().as_millis()).collect();
+    assert_eq!(starts, [0, 500, 1_000, 1_500, 2_000, 2_500, 3_000]);
+    for window in &run.windows {
+        check_window_shape(window, Duration::from_millis(34));
+        assert_eq!(window.stats.video_gap_frames, 0, "window {}", window.index);
+    }
+    // Windows after the codec's start-up have no audio gaps.
+    assert!(run.windows[1..].iter().all(|window| window.stats.audio_gap_samples == 0));
+}
+
+#[test]
+fn missing_file_fails_with_a_clear_message() {
+    let source = source_from_toml("kind = \"uri\"\nuri = \"/nonexistent/clip.webm\"");
+    let (run, _handle) = drive(
+        source,
+        window_settings(Duration::from_secs(2), Duration::from_secs(1)),
+        Duration::from_secs(30),
+        |_, _| {},
+        |_| false,
+    );
+    let message = run.failed.expect("the source must fail");
+    assert!(message.to_lowercase().contains("not found") || message.contains("No such file"), "{message}");
+    assert!(run.windows.is_empty());
+}
+
+fn live_source(extra: &str) -> SourceSettings {
+    let mut source = source_from_toml(&format!(
+        "kind = \"test\"\nfps = 25\nsample_rate = 16000\nwidth = 320\nheight = 240\n{extra}"
+    ));
+    source.restart = RestartSettings {
+        stall_timeout: Duration::from_secs(2),
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(2),
+    };
+    source
+}
+
+#[test]
+fn live_source_windows_and_restart_after_an_injected_error() {
+    let injected = AtomicBool::new(false);
+    let injected_at = std::cell::Cell::new(None);
+    let (run, handle) = drive(
+        live_source(""),
+        window_settings(Duration::from_secs(1), Duration::from_millis(500)),
+        Duration::from_secs(30),
+        |handle, run| {
+            if run.windows.len() == 2 && !injected.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                handle.inject_error();
+                injected_at.set(Some(Instant::now()));
+            }
+        },
+        // Two windows from the second incarnation (index restarts at 0 after the restart).
+        |run| run.windows.len() >= 5 && run.windows.iter().skip(2).filter(|window| window.index <= 1).count() >= 2,
+    );
+    assert!(injected.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(handle.restarts(), 1, "statuses: {:?}", run.statuses);
+    let offline = run
+        .statuses
+        .iter()
+        .position(|(status, detail)| *status == SourceStatus::Offline && detail.contains("injected"));
+    let online_again =
+        offline.and_then(|idx| run.statuses[idx..].iter().position(|(status, _)| *status == SourceStatus::Online));
+    assert!(online_again.is_some(), "statuses: {:?}", run.statuses);
+    for window in &run.windows {
+        check_window_shape(window, Duration::from_millis(40));
+    }
+    if let Some(at) = injected_at.get() {
+        eprintln!("failure to restarted windows: {:?}", at.elapsed());
+    }
+    let stop_started = Instant::now();
+    handle.join();
+    eprintln!("clean stop took {:?}", stop_started.elapsed());
+}
+
+#[test]
+fn live_source_that_ends_is_restarted() {
+    let (run, handle) = drive(
+        live_source("duration = 1.5"),
+        window_settings(Duration::from_secs(1), Duration::from_millis(500)),
+        Duration::from_secs(30),
+        |_, _| {},
+        |run| run.statuses.iter().filter(|(status, _)| *status == SourceStatus::Online).count() >= 2,
+    );
+    assert!(!run.finished, "a live source does not finish");
+    assert!(handle.restarts() >= 1);
+    assert!(run.statuses.iter().any(|(_, detail)| detail.contains("end of stream")), "{:?}", run.statuses);
+}
+
+#[test]
+fn clean_stop_reports_offline_and_sends_nothing_after() {
+    let (sender, receiver) = bounded(4096);
+    let options = CaptureOptions { format: format(), mode: SinkMode { sync: false }, lossless: false };
+    let handle = capture::spawn(0, live_source(""), options, sender).expect("spawn");
+    // Wait for data, then stop.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Some(CaptureEvent::Audio { .. }) = next(&receiver) {
+            break;
+        }
+    }
+    handle.join();
+    let rest: Vec<CaptureEvent> = receiver.try_iter().collect();
+    let last_two: Vec<String> = rest.iter().rev().take(2).map(|event| format!("{event:?}")).collect();
+    assert!(
+        matches!(rest.last(), Some(CaptureEvent::Status { status: SourceStatus::Offline, detail, .. }) if detail == "stopped"),
+        "{last_two:?}"
+    );
+    // The channel is closed: the capture thread is gone.
+    assert!(receiver.recv_timeout(Duration::from_millis(200)).is_err());
+}
+
+#[test]
+fn video_only_and_audio_only_sources() {
+    let mut video_only = live_source("audio = false\nis_live = false\nduration = 3");
+    video_only.audio = false;
+    let mut settings = window_settings(Duration::from_secs(1), Duration::from_secs(1));
+    settings.audio = false;
+    let (run, _handle) = drive(video_only, settings, Duration::from_secs(30), |_, _| {}, |_| false);
+    assert!(run.finished);
+    assert_eq!(run.windows.len(), 3);
+    assert!(run.windows.iter().all(|window| window.frames.len() == FRAMES && window.audio.is_empty()));
+
+    let audio_only = live_source("video = false\nis_live = false\nduration = 3");
+    let mut settings = window_settings(Duration::from_secs(1), Duration::from_secs(1));
+    settings.video = false;
+    let (run, _handle) = drive(audio_only, settings, Duration::from_secs(30), |_, _| {}, |_| false);
+    assert!(run.finished);
+    assert_eq!(run.windows.len(), 3);
+    assert!(run.windows.iter().all(|window| window.frames.is_empty() && window.audio.len() == RATE as usize));
+}
