@@ -84,7 +84,7 @@ pub fn describe(source: &SourceSettings, format: CaptureFormat, mode: SinkMode) 
                 branches.push(format!("src. ! audio/x-raw ! {tail}"));
             }
         }
-        SourceKind::Pipeline { video_pipeline, audio_pipeline } => {
+        SourceKind::Pipeline { video_pipeline, audio_pipeline, .. } => {
             if let (Some(tail), Some(head)) = (&video_tail, video_pipeline) {
                 branches.push(format!("{head} ! {tail}"));
             }
@@ -206,6 +206,7 @@ mod tests {
             SourceKind::Pipeline {
                 video_pipeline: Some("videotestsrc".into()),
                 audio_pipeline: Some("audiotestsrc".into()),
+                live: true,
             },
             &tails,
         );

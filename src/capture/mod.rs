@@ -205,6 +205,12 @@ enum Outcome {
     Failed(String),
 }
 
+/// How far one stream of a lossless source may run ahead of the other before it waits.
+const LOSSLESS_LEAD: Duration = Duration::from_secs(2);
+/// A stream never waits longer than this for the other (a file whose other stream stops
+/// early must still play to its end).
+const LOSSLESS_MAX_WAIT: Duration = Duration::from_secs(5);
+
 /// A pipeline that ran this long without failing resets the backoff.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
@@ -278,6 +284,9 @@ impl Supervisor {
             },
             Err(err) => return Outcome::Failed(format!("cannot build the pipeline: {err}")),
         };
+        let video_enabled = self.options.format.video.is_some() && self.source.video;
+        let audio_enabled = self.options.format.audio.is_some() && self.source.audio;
+        let (video, audio) = (video_enabled, audio_enabled);
         let shared = Arc::new(Shared {
             source_idx: self.source_idx,
             source_name: self.source.name.clone(),
@@ -287,11 +296,12 @@ impl Supervisor {
             epoch: Instant::now(),
             last_video_ms: AtomicU64::new(0),
             last_audio_ms: AtomicU64::new(0),
+            video_position_ns: AtomicU64::new(if video_enabled { 0 } else { u64::MAX }),
+            audio_position_ns: AtomicU64::new(if audio_enabled { 0 } else { u64::MAX }),
+            stopping: Arc::new(AtomicBool::new(false)),
             started: OnceLock::new(),
             pipeline: pipeline.downgrade(),
         });
-        let video = self.options.format.video.is_some() && self.source.video;
-        let audio = self.options.format.audio.is_some() && self.source.audio;
         if video && let Err(err) = attach(&pipeline, VIDEO_SINK, Modality::Video, shared.clone()) {
             return Outcome::Failed(err.to_string());
         }
@@ -299,6 +309,8 @@ impl Supervisor {
             return Outcome::Failed(err.to_string());
         }
         let outcome = self.watch(&pipeline, &shared, video, audio);
+        // Release a streaming thread that waits in `throttle`.
+        shared.stopping.store(true, Ordering::SeqCst);
         // Nothing waits on this bus any more; Null stops the streaming threads.
         let _ = pipeline.set_state(gst::State::Null);
         outcome
@@ -414,6 +426,11 @@ struct Shared {
     epoch: Instant,
     last_video_ms: AtomicU64,
     last_audio_ms: AtomicU64,
+    /// Latest running time (ns) each stream has delivered; `u64::MAX` once it ended. Lossless
+    /// sources keep the two within `LOSSLESS_LEAD` of each other (see `throttle`).
+    video_position_ns: AtomicU64,
+    audio_position_ns: AtomicU64,
+    stopping: Arc<AtomicBool>,
     /// Set by the first buffer of either stream; sends `Started` exactly once, before any data.
     started: OnceLock<()>,
     pipeline: gst::glib::WeakRef<gst::Pipeline>,
@@ -451,7 +468,34 @@ impl Shared {
         }
     }
 
+    /// Lossless (file) sources: a stream that runs more than `LOSSLESS_LEAD` ahead of the
+    /// other waits, so the window builder never has to buffer the difference. Decoders of one
+    /// file feed both streams; waiting here is the backpressure a demuxer's queues expect.
+    fn throttle(&self, modality: Modality, position: RunningTime) {
+        let (own, other) = match modality {
+            Modality::Video => (&self.video_position_ns, &self.audio_position_ns),
+            Modality::Audio => (&self.audio_position_ns, &self.video_position_ns),
+        };
+        let position_ns = position.as_nanos() as u64;
+        own.fetch_max(position_ns, Ordering::SeqCst);
+        if !self.lossless {
+            return;
+        }
+        let lead_ns = LOSSLESS_LEAD.as_nanos() as u64;
+        let waited = Instant::now();
+        while position_ns > other.load(Ordering::SeqCst).saturating_add(lead_ns)
+            && !self.stopping.load(Ordering::SeqCst)
+            && waited.elapsed() < LOSSLESS_MAX_WAIT
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     fn stream_ended(&self, modality: Modality) {
+        match modality {
+            Modality::Video => self.video_position_ns.store(u64::MAX, Ordering::SeqCst),
+            Modality::Audio => self.audio_position_ns.store(u64::MAX, Ordering::SeqCst),
+        }
         let _ = self.events.send(CaptureEvent::StreamEnded {
             source_idx: self.source_idx,
             generation: self.generation,
@@ -499,6 +543,7 @@ fn on_sample(sink: &gst_app::AppSink, sample: &gst::Sample, modality: Modality, 
     let arrival = sink.current_running_time().map(|time| RunningTime::from_nanos(time.nseconds())).unwrap_or(running);
     shared.ensure_started(arrival);
     shared.touch(modality);
+    shared.throttle(modality, running);
     let event = match modality {
         Modality::Video => {
             let caps = sample.caps().ok_or_else(|| anyhow!("video sample without caps"))?;

@@ -135,7 +135,7 @@ pub enum SourceKind {
     Rtsp { url: String, latency: Duration, protocols: Option<String> },
     Uri { uri: String },
     Test(TestSource),
-    Pipeline { video_pipeline: Option<String>, audio_pipeline: Option<String> },
+    Pipeline { video_pipeline: Option<String>, audio_pipeline: Option<String>, live: bool },
 }
 
 impl SourceKind {
@@ -156,6 +156,7 @@ impl SourceKind {
         match self {
             SourceKind::Uri { uri } => !is_file_like_uri(uri),
             SourceKind::Test(test) => test.is_live,
+            SourceKind::Pipeline { live, .. } => *live,
             _ => true,
         }
     }

@@ -163,6 +163,9 @@ pub struct RawSource {
     pub video_pipeline: Option<Spanned<String>>,
     /// pipeline: a gst-launch description of the audio branch, e.g. `alsasrc device=hw:1`.
     pub audio_pipeline: Option<Spanned<String>>,
+    /// pipeline: the pipeline is live (a device; restarted when it ends). Default true; set
+    /// false for finite generated or file-based pipelines, which then end at their EOS.
+    pub live: Option<Spanned<bool>>,
 }
 
 impl RawSource {
@@ -195,7 +198,8 @@ impl RawSource {
             audio_extra,
             duration,
             video_pipeline,
-            audio_pipeline
+            audio_pipeline,
+            live
         );
         keys
     }

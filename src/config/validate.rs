@@ -131,7 +131,7 @@ fn validate_source(idx: usize, span: std::ops::Range<usize>, raw: RawSource) -> 
             "audio_extra",
             "duration",
         ],
-        "pipeline" => &["video_pipeline", "audio_pipeline"],
+        "pipeline" => &["video_pipeline", "audio_pipeline", "live"],
         other => return Err(err(&key("kind"), kind_value, format!("unknown kind {other:?}; allowed: {KINDS}"))),
     };
     for (set_key, set_span) in raw.set_keys() {
@@ -247,6 +247,7 @@ fn validate_source(idx: usize, span: std::ops::Range<usize>, raw: RawSource) -> 
             SourceKind::Pipeline {
                 video_pipeline: optional(&raw.video_pipeline),
                 audio_pipeline: optional(&raw.audio_pipeline),
+                live: raw.live.as_ref().map(|value| *value.get_ref()).unwrap_or(true),
             }
         }
         _ => unreachable!("kind checked above"),

@@ -6,11 +6,13 @@
 //! parity test here. Pure code: no I/O, no threads, no clocks; every function writes into a
 //! buffer the caller owns (one slot of the batch tensor), so nothing is copied twice.
 
+mod featurizer;
 mod logmel;
 #[cfg(test)]
 mod parity;
 mod video;
 
+pub use featurizer::Featurizer;
 pub use logmel::{LogMel, LogMelStream};
 pub use video::video_tensor;
 

@@ -19,11 +19,11 @@ pub struct ModelMetadata {
     pub labels: Vec<String>,
     pub multi_label: bool,
     pub window_seconds: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub video: Option<VideoRecipe>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audio: Option<AudioRecipe>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fusion: Option<serde_json::Value>,
 }
 
