@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod features;
 pub mod media;
 pub mod model;
+pub mod npy;
 pub mod record;
 pub mod stage;
 pub mod telemetry;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 
 use crate::model::ModelMetadata;
+use crate::npy::write_npy;
 use crate::window::Window;
 
 /// Appends windows to a dataset folder.
@@ -123,28 +124,4 @@ fn with_suffix(base: &Path, suffix: &str) -> PathBuf {
     let mut name = base.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
-}
-
-/// Writes a little-endian f32 .npy file (format version 1.0).
-pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> anyhow::Result<()> {
-    let expected: usize = shape.iter().product();
-    if expected != data.len() {
-        bail!("{}: {} values for shape {shape:?}", path.display(), data.len());
-    }
-    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
-    // Magic (6) + version (2) + header length (2) + header + '\n' is a multiple of 64.
-    let unpadded = 10 + header.len() + 1;
-    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
-    header.push('\n');
-    let mut out = BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?);
-    out.write_all(b"\x93NUMPY\x01\x00")?;
-    out.write_all(&(header.len() as u16).to_le_bytes())?;
-    out.write_all(header.as_bytes())?;
-    for value in data {
-        out.write_all(&value.to_le_bytes())?;
-    }
-    out.flush()?;
-    Ok(())
 }

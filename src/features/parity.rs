@@ -30,7 +30,7 @@ pub(super) fn reference_log_mel(python: &Path, recipe: &AudioRecipe, audio: &[f3
     let dir = std::env::temp_dir().join(format!("mbt-edge-logmel-parity-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temporary folder");
     let (input, output, metadata) = (dir.join("in.npy"), dir.join("out.npy"), dir.join("metadata.json"));
-    write_npy(&input, audio).expect("writing in.npy");
+    crate::npy::write_npy(&input, &[audio.len()], audio).expect("writing in.npy");
     std::fs::write(&metadata, metadata_json(recipe)).expect("writing metadata.json");
     let run = Command::new(python)
         .args(["-m", "mbt.logmel"])
@@ -42,7 +42,7 @@ pub(super) fn reference_log_mel(python: &Path, recipe: &AudioRecipe, audio: &[f3
         .output()
         .expect("running the reference");
     assert!(run.status.success(), "python -m mbt.logmel failed: {}", String::from_utf8_lossy(&run.stderr));
-    let (shape, values) = read_npy(&output).expect("reading out.npy");
+    let (shape, values) = crate::npy::read_npy(&output).expect("reading out.npy");
     assert_eq!(shape, [recipe.n_frames, recipe.n_mels], "the reference's output shape");
     let _ = std::fs::remove_dir_all(&dir);
     values
@@ -81,8 +81,8 @@ pub(super) fn committed_fixture() -> (AudioRecipe, Vec<f32>, Vec<f32>) {
         mean: number("mean"),
         std: number("std"),
     };
-    let (_, samples) = read_npy(&dir.join("logmel.samples.npy")).expect("logmel.samples.npy");
-    let (shape, expected) = read_npy(&dir.join("logmel.expected.npy")).expect("logmel.expected.npy");
+    let (_, samples) = crate::npy::read_npy(&dir.join("logmel.samples.npy")).expect("logmel.samples.npy");
+    let (shape, expected) = crate::npy::read_npy(&dir.join("logmel.expected.npy")).expect("logmel.expected.npy");
     assert_eq!(shape, [recipe.n_frames, recipe.n_mels], "logmel.expected.npy's shape");
     (recipe, samples, expected)
 }
@@ -135,81 +135,4 @@ fn metadata_json(recipe: &AudioRecipe) -> String {
         recipe.mean,
         recipe.std,
     )
-}
-
-const NPY_MAGIC: &[u8] = b"\x93NUMPY";
-
-/// A 1-D little-endian f32 array in .npy format 1.0.
-pub(super) fn write_npy(path: &Path, values: &[f32]) -> std::io::Result<()> {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}", values.len());
-    // Magic, version, length, header and its newline: a multiple of 64 bytes.
-    let unpadded = NPY_MAGIC.len() + 4 + header.len() + 1;
-    header.extend(std::iter::repeat_n(' ', unpadded.next_multiple_of(64) - unpadded));
-    header.push('\n');
-    let mut bytes = Vec::with_capacity(unpadded + 64 + 4 * values.len());
-    bytes.extend_from_slice(NPY_MAGIC);
-    bytes.extend_from_slice(&[1, 0]);
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for value in values {
-        bytes.extend_from_slice(&value.to_le_bytes());
-    }
-    std::fs::write(path, bytes)
-}
-
-/// A C-order little-endian f32 array of any shape: (shape, values).
-pub(super) fn read_npy(path: &Path) -> std::io::Result<(Vec<usize>, Vec<f32>)> {
-    let invalid = |message: String| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {message}", path.display()))
-    };
-    let bytes = std::fs::read(path)?;
-    if !bytes.starts_with(NPY_MAGIC) || bytes.len() < 10 {
-        return Err(invalid("not a .npy file".into()));
-    }
-    let (header_start, header_len) = match bytes[6] {
-        1 => (10, u16::from_le_bytes([bytes[8], bytes[9]]) as usize),
-        2 | 3 if bytes.len() >= 12 => (12, u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize),
-        version => return Err(invalid(format!(".npy version {version} is not supported"))),
-    };
-    let header = bytes
-        .get(header_start..header_start + header_len)
-        .and_then(|header| std::str::from_utf8(header).ok())
-        .ok_or_else(|| invalid("truncated header".into()))?;
-    if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
-        return Err(invalid(format!("only C-order '<f4' arrays are read, not {header}")));
-    }
-    let shape_text = header
-        .split_once("'shape': (")
-        .and_then(|(_, rest)| rest.split_once(')'))
-        .map(|(shape, _)| shape)
-        .ok_or_else(|| invalid(format!("no shape in {header}")))?;
-    let shape = shape_text
-        .split(',')
-        .map(str::trim)
-        .filter(|dim| !dim.is_empty())
-        .map(|dim| dim.parse::<usize>().map_err(|err| invalid(format!("shape {shape_text:?}: {err}"))))
-        .collect::<Result<Vec<usize>, _>>()?;
-    let data = &bytes[header_start + header_len..];
-    if data.len() != 4 * shape.iter().product::<usize>() {
-        return Err(invalid(format!("{} data bytes for shape {shape:?}", data.len())));
-    }
-    let values =
-        data.chunks_exact(4).map(|value| f32::from_le_bytes([value[0], value[1], value[2], value[3]])).collect();
-    Ok((shape, values))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn npy_round_trip() {
-        let path = std::env::temp_dir().join(format!("mbt-edge-npy-{}.npy", std::process::id()));
-        let values = [0.0, -1.5, f32::MIN_POSITIVE, 3.25e7];
-        write_npy(&path, &values).unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        assert_eq!((bytes.len() - 16) % 64, 0, "header padded to 64 bytes");
-        assert_eq!(read_npy(&path).unwrap(), (vec![4], values.to_vec()));
-        let _ = std::fs::remove_file(&path);
-    }
 }

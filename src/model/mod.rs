@@ -2,5 +2,7 @@
 //! tract.
 
 mod metadata;
+mod runtime;
 
 pub use metadata::{AudioRecipe, ModelError, ModelInfo, ModelMetadata, VideoRecipe};
+pub use runtime::{Logits, ModelRuntime, probabilities, select_backend};

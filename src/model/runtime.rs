@@ -1,0 +1,218 @@
+//! The model runtime on tract: load the ONNX graph once, keep it decluttered with a symbolic
+//! batch, and prepare one optimized plan per batch size actually used (batch 1 at load).
+//! CPU by default; with the `cuda` feature the CUDA runtime registered by tract-cuda, found
+//! through tract's runtime registry (never by calling CUDA directly: without a driver that
+//! would panic).
+
+use std::collections::HashMap;
+use std::sync::Once;
+
+use anyhow::{Context as _, bail, ensure};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::{Runnable, Runtime as TractRuntime, runtime_for_name};
+
+use super::{ModelError, ModelInfo};
+use crate::config::Runtime as RuntimeChoice;
+
+/// Raw logits of one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    pub fused: Vec<f32>,
+    pub audio: Option<Vec<f32>>,
+    pub video: Option<Vec<f32>>,
+}
+
+/// A loaded model ready to run batches.
+pub struct ModelRuntime {
+    backend: &'static dyn TractRuntime,
+    typed: TypedModel,
+    batch_symbol: Option<Symbol>,
+    plans: HashMap<usize, Box<dyn Runnable>>,
+    video_input: Option<usize>,
+    audio_input: Option<usize>,
+    outputs: [Option<usize>; 3],
+    video_len: usize,
+    audio_len: usize,
+    video_shape: Vec<usize>,
+    audio_shape: Vec<usize>,
+    classes: usize,
+}
+
+static THREADS: Once = Once::new();
+
+impl std::fmt::Debug for ModelRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelRuntime")
+            .field("backend", &self.backend.name())
+            .field("batches", &self.plans.keys())
+            .finish()
+    }
+}
+
+/// Picks the tract runtime for `choice`; says plainly why CUDA is not used.
+pub fn select_backend(choice: RuntimeChoice) -> Result<&'static dyn TractRuntime, String> {
+    let cpu = || runtime_for_name("cpu").ok().flatten().ok_or_else(|| "tract's cpu runtime is missing".to_string());
+    match choice {
+        RuntimeChoice::Cpu => cpu(),
+        RuntimeChoice::Cuda | RuntimeChoice::Auto => {
+            let cuda = if cfg!(feature = "cuda") {
+                match runtime_for_name("cuda") {
+                    Ok(Some(runtime)) => Ok(runtime),
+                    Ok(None) => Err("tract's cuda runtime is not registered".to_string()),
+                    Err(err) => Err(format!("no usable CUDA driver: {err:#}")),
+                }
+            } else {
+                Err("this build has no CUDA support (build with `--features cuda`)".to_string())
+            };
+            match (cuda, choice) {
+                (Ok(runtime), _) => Ok(runtime),
+                (Err(reason), RuntimeChoice::Cuda) => Err(format!("model.runtime = \"cuda\" but {reason}")),
+                (Err(reason), _) => {
+                    tracing::info!(reason, "runtime auto: using the CPU");
+                    cpu()
+                }
+            }
+        }
+    }
+}
+
+impl ModelRuntime {
+    /// Loads `info`'s model for `choice` with `threads` matrix-product threads.
+    pub fn load(info: &ModelInfo, choice: RuntimeChoice, threads: usize) -> Result<ModelRuntime, ModelError> {
+        let mismatch = |message: String| ModelError::Mismatch { path: info.path.clone(), message };
+        let backend = select_backend(choice).map_err(mismatch)?;
+        THREADS.call_once(|| {
+            if threads > 1 {
+                tract_linalg::multithread::set_default_executor(tract_linalg::multithread::Executor::multithread(
+                    threads,
+                ));
+            }
+        });
+        let inference = tract_onnx::onnx()
+            .model_for_proto_model(&info.proto)
+            .map_err(|err| ModelError::NotOnnx { path: info.path.clone(), message: format!("{err:#}") })?;
+        let typed = inference
+            .into_typed()
+            .and_then(|model| model.into_decluttered())
+            .map_err(|err| mismatch(format!("tract cannot type the graph: {err:#}")))?;
+        let input_outlets = typed.input_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
+        let output_outlets = typed.output_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
+        let input_names: Vec<String> =
+            input_outlets.iter().map(|outlet| typed.node(outlet.node).name.clone()).collect();
+        let output_names: Vec<String> = output_outlets
+            .iter()
+            .map(|outlet| {
+                typed.outlet_label(*outlet).map(str::to_string).unwrap_or_else(|| typed.node(outlet.node).name.clone())
+            })
+            .collect();
+        let find_input = |name: &str| input_names.iter().position(|input| input == name);
+        let find_output = |name: &str| output_names.iter().position(|output| output == name);
+        let metadata = &info.metadata;
+        let video_shape: Vec<usize> =
+            metadata.video.as_ref().map(|v| vec![v.frames, 3, v.height as usize, v.width as usize]).unwrap_or_default();
+        let audio_shape: Vec<usize> = metadata.audio.as_ref().map(|a| vec![a.n_frames, a.n_mels]).unwrap_or_default();
+        let batch_symbol = typed.symbols.get("batch");
+        let runtime = ModelRuntime {
+            backend,
+            batch_symbol,
+            plans: HashMap::new(),
+            video_input: find_input("video"),
+            audio_input: find_input("audio"),
+            outputs: [find_output("logits"), find_output("logits_audio"), find_output("logits_video")],
+            video_len: video_shape.iter().product(),
+            audio_len: audio_shape.iter().product(),
+            video_shape,
+            audio_shape,
+            classes: metadata.labels.len(),
+            typed,
+        };
+        if runtime.outputs[0].is_none() {
+            return Err(mismatch(format!("tract sees outputs {output_names:?}, none named `logits`")));
+        }
+        let mut runtime = runtime;
+        runtime.plan(1).map_err(|err| mismatch(format!("tract cannot prepare the model: {err:#}")))?;
+        Ok(runtime)
+    }
+
+    /// The tract runtime in use: `cpu` or `cuda`.
+    pub fn backend_name(&self) -> String {
+        self.backend.name().to_string()
+    }
+
+    /// Floats of one window's `video` input (0 without video).
+    pub fn video_len(&self) -> usize {
+        self.video_len
+    }
+
+    /// Floats of one window's `audio` input (0 without audio).
+    pub fn audio_len(&self) -> usize {
+        self.audio_len
+    }
+
+    fn plan(&mut self, batch: usize) -> TractResult<&dyn Runnable> {
+        if !self.plans.contains_key(&batch) {
+            let model = match &self.batch_symbol {
+                Some(symbol) => {
+                    let values = HashMap::from([(symbol.clone(), TDim::Val(batch as i64))]);
+                    self.typed.set_symbols(&values)?
+                }
+                None if batch == 1 => self.typed.clone(),
+                None => bail!("the model has no symbolic `batch` dimension; only batch 1 runs"),
+            };
+            let runnable = self.backend.prepare(model)?;
+            self.plans.insert(batch, runnable);
+        }
+        Ok(self.plans[&batch].as_ref())
+    }
+
+    /// Runs `batch` windows: `video` holds `batch * video_len` floats, `audio` `batch * audio_len`.
+    pub fn run(&mut self, batch: usize, video: &[f32], audio: &[f32]) -> TractResult<Vec<Logits>> {
+        ensure!(batch > 0, "empty batch");
+        ensure!(video.len() == batch * self.video_len && audio.len() == batch * self.audio_len, "input sizes");
+        let mut inputs: Vec<(usize, Tensor)> = Vec::new();
+        if let Some(ix) = self.video_input {
+            let shape: Vec<usize> = std::iter::once(batch).chain(self.video_shape.iter().copied()).collect();
+            inputs.push((ix, Tensor::from_shape(&shape, video)?));
+        }
+        if let Some(ix) = self.audio_input {
+            let shape: Vec<usize> = std::iter::once(batch).chain(self.audio_shape.iter().copied()).collect();
+            inputs.push((ix, Tensor::from_shape(&shape, audio)?));
+        }
+        inputs.sort_by_key(|(ix, _)| *ix);
+        let outputs_ix = self.outputs;
+        let classes = self.classes;
+        let plan = self.plan(batch)?;
+        let outputs = plan.run(inputs.into_iter().map(|(_, tensor)| tensor.into_tvalue()).collect())?;
+        let read = |ix: Option<usize>| -> TractResult<Option<Vec<f32>>> {
+            let Some(ix) = ix else { return Ok(None) };
+            let tensor = outputs.get(ix).context("missing output")?;
+            let view = tensor.to_plain_array_view::<f32>()?;
+            ensure!(view.len() == batch * classes, "output of {} values for {batch} x {classes}", view.len());
+            Ok(Some(view.iter().copied().collect()))
+        };
+        let fused = read(outputs_ix[0])?.context("no logits")?;
+        let audio_logits = read(outputs_ix[1])?;
+        let video_logits = read(outputs_ix[2])?;
+        Ok((0..batch)
+            .map(|row| {
+                let slice = |values: &Vec<f32>| values[row * classes..(row + 1) * classes].to_vec();
+                Logits {
+                    fused: slice(&fused),
+                    audio: audio_logits.as_ref().map(slice),
+                    video: video_logits.as_ref().map(slice),
+                }
+            })
+            .collect())
+    }
+}
+
+/// Logits to probabilities: sigmoid for multi-label models, softmax for single-label.
+pub fn probabilities(logits: &[f32], multi_label: bool) -> Vec<f32> {
+    if multi_label {
+        return logits.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.iter().map(|x| x / sum).collect()
+}

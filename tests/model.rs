@@ -1,0 +1,169 @@
+//! The model stage on the real model files: tract's logits equal the PyTorch outputs
+//! committed as parity fixtures, and broken or mismatched model files end in a clear message
+//! and exit 78 from the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mbt_edge::config::Runtime;
+use mbt_edge::model::{ModelInfo, ModelRuntime};
+use mbt_edge::npy::read_npy;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the fixture inputs of `model` through tract and compares every output with the
+/// PyTorch values within `tolerance` (absolute, on logits).
+fn check_parity(model: &Path, tolerance: f32) {
+    let fixture = model.with_extension("parity");
+    let info = ModelInfo::read(model).unwrap_or_else(|err| panic!("{err}"));
+    let mut runtime = ModelRuntime::load(&info, Runtime::Cpu, 1).unwrap_or_else(|err| panic!("{err}"));
+    let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
+    let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
+    let batch = video_shape[0];
+    let logits = runtime.run(batch, &video, &audio).expect("tract runs the model");
+    let mut worst = 0f32;
+    for (name, pick) in [("logits", 0), ("logits_audio", 1), ("logits_video", 2)] {
+        let (shape, expected) = read_npy(&fixture.join(format!("{name}.npy"))).expect(name);
+        assert_eq!(shape, [batch, info.metadata.labels.len()]);
+        let got: Vec<f32> = logits
+            .iter()
+            .flat_map(|row| match pick {
+                0 => row.fused.clone(),
+                1 => row.audio.clone().expect("audio logits"),
+                _ => row.video.clone().expect("video logits"),
+            })
+            .collect();
+        for (got, expected) in got.iter().zip(&expected) {
+            worst = worst.max((got - expected).abs());
+        }
+    }
+    eprintln!("{}: max |tract - pytorch| = {worst:e}", model.display());
+    assert!(worst < tolerance, "max difference {worst}");
+}
+
+#[test]
+fn tiny_model_matches_pytorch() {
+    check_parity(&repo().join("models/testdata/mbt-tiny.onnx"), 1e-4);
+}
+
+#[test]
+fn batches_of_any_size_give_the_same_logits_as_single_windows() {
+    let model = repo().join("models/testdata/mbt-tiny.onnx");
+    let info = ModelInfo::read(&model).unwrap();
+    let mut runtime = ModelRuntime::load(&info, Runtime::Cpu, 1).unwrap();
+    let fixture = model.with_extension("parity");
+    let (video_shape, video) = read_npy(&fixture.join("video.npy")).unwrap();
+    let (_, audio) = read_npy(&fixture.join("audio.npy")).unwrap();
+    let batch = video_shape[0];
+    let together = runtime.run(batch, &video, &audio).unwrap();
+    for row in 0..batch {
+        let v = &video[row * runtime.video_len()..(row + 1) * runtime.video_len()];
+        let a = &audio[row * runtime.audio_len()..(row + 1) * runtime.audio_len()];
+        let alone = runtime.run(1, v, a).unwrap();
+        for (x, y) in alone[0].fused.iter().zip(&together[row].fused) {
+            assert!((x - y).abs() < 1e-5, "row {row}: {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn cuda_without_a_driver_is_refused_and_auto_falls_back() {
+    let info = ModelInfo::read(&repo().join("models/testdata/mbt-tiny.onnx")).unwrap();
+    // This machine has no GPU: auto must give the CPU, cuda must refuse with a reason.
+    let auto = ModelRuntime::load(&info, Runtime::Auto, 1).expect("auto falls back to the CPU");
+    assert_eq!(auto.backend_name(), "cpu");
+    let err = ModelRuntime::load(&info, Runtime::Cuda, 1).expect_err("no CUDA here").to_string();
+    assert!(err.contains("model.runtime = \"cuda\""), "{err}");
+}
+
+// The binary: broken model files end in exit 78 with a clear message.
+
+fn mbt_edge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+}
+
+fn check_config_fails(dir: &Path, model_path: &Path, extra: &str, needle: &str) {
+    let config = dir.join("config.toml");
+    std::fs::write(&config, format!("[model]\npath = \"{}\"\n{extra}", model_path.display())).unwrap();
+    let output = mbt_edge().args(["check-config", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    assert!(stderr.contains("config.toml:"), "names the config file: {stderr}");
+}
+
+#[test]
+fn check_config_accepts_a_good_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let model = repo().join("models/testdata/mbt-tiny.onnx");
+    std::fs::write(&config, format!("[model]\npath = \"{}\"\n", model.display())).unwrap();
+    let output = mbt_edge().args(["check-config", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("model mbt-tiny"));
+}
+
+#[test]
+fn garbage_model_file_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("broken.onnx");
+    std::fs::write(&model, b"this is not a protobuf at all \x00\xff\x13").unwrap();
+    check_config_fails(dir.path(), &model, "", "not a valid ONNX model");
+}
+
+#[test]
+fn missing_model_file_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    check_config_fails(dir.path(), &dir.path().join("absent.onnx"), "", "cannot read the model");
+}
+
+/// The tiny model with its `mbt` metadata removed or altered, written with the onnx package
+/// when Python has it; otherwise by editing the protobuf bytes of the key.
+fn model_with_metadata_key_renamed(dir: &Path) -> PathBuf {
+    let bytes = std::fs::read(repo().join("models/testdata/mbt-tiny.onnx")).unwrap();
+    // metadata_props entry: field 14, then key field 1 = "mbt" (0x0a 0x03 'm' 'b' 't').
+    let needle = b"\x0a\x03mbt";
+    let position = bytes.windows(needle.len()).rposition(|window| window == needle).expect("the key is in the file");
+    let mut edited = bytes.clone();
+    edited[position + 2..position + 5].copy_from_slice(b"xyz");
+    let path = dir.join("no-metadata.onnx");
+    std::fs::write(&path, edited).unwrap();
+    path
+}
+
+#[test]
+fn model_without_metadata_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_with_metadata_key_renamed(dir.path());
+    check_config_fails(dir.path(), &model, "", "has no `mbt` metadata entry");
+}
+
+#[test]
+fn model_whose_frame_size_contradicts_its_graph_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(repo().join("models/testdata/mbt-tiny.onnx")).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    let info = ModelInfo::read(&repo().join("models/testdata/mbt-tiny.onnx")).unwrap();
+    let width = info.metadata.video.as_ref().unwrap().width;
+    // Same-length edit of the JSON: "width": 32 -> "width": 99 keeps the protobuf valid.
+    let separator = if text.contains(&format!("\"width\": {width}")) { ": " } else { ":" };
+    let from = format!("\"width\"{separator}{width}");
+    assert!(text.contains(&from), "metadata JSON layout changed");
+    let to = format!("\"width\"{separator}{}", if width == 99 { 98 } else { 99 });
+    assert_eq!(from.len(), to.len());
+    let position = bytes.windows(from.len()).position(|window| window == from.as_bytes()).unwrap();
+    let mut edited = bytes.clone();
+    edited[position..position + to.len()].copy_from_slice(to.as_bytes());
+    let model = dir.path().join("wrong-width.onnx");
+    std::fs::write(&model, edited).unwrap();
+    check_config_fails(dir.path(), &model, "", "`video` has shape");
+}
+
+#[test]
+fn window_seconds_contradicting_the_model_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo().join("models/testdata/mbt-tiny.onnx");
+    check_config_fails(dir.path(), &model, "\n[window]\nseconds = 7.0\n", "differs from the model's window");
+}
