@@ -1,7 +1,8 @@
 """Write image grids as PNG with NumPy and zlib only (no PIL here): for looking at scenes.
 
 `python pngsheet.py OUT.png RAW WIDTH HEIGHT [--frames N]` turns a raw RGB file into a row of frames;
-`python pngsheet.py OUT.png --windows DIR [--per-label K]` shows recorded windows (each row: the 8 frames of one window).
+`python pngsheet.py OUT.png --windows DIR [--per-label K]` shows recorded windows (each row: the 8 frames
+of one window and its log-mel).
 """
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def window_frames(video: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) 
     return [f.transpose(1, 2, 0) for f in x]
 
 
+def mel_tile(mel: np.ndarray, size: int = 64) -> np.ndarray:
+    """[T, M] standardised log-mel -> uint8 [size, size, 3] grey image, time left to right,
+    low mel bins at the bottom, contrast stretched per window (1st..99th percentile)."""
+    lo, hi = np.percentile(mel[:, 1:], [1, 99])
+    x = np.clip((mel - lo) / max(hi - lo, 1e-6), 0, 1).T[::-1]
+    t, f = x.shape[1] // size, x.shape[0] // size
+    x = x[: size * f, : size * t].reshape(size, f, size, t).mean((1, 3))
+    return np.repeat((x * 255).astype(np.uint8)[:, :, None], 3, 2)
+
+
 def main(argv: list[str]) -> int:
     out = argv[0]
     if argv[1] == "--windows":
@@ -63,7 +74,11 @@ def main(argv: list[str]) -> int:
             if seen.get(rec["label"], 0) >= k:
                 continue
             seen[rec["label"]] = seen.get(rec["label"], 0) + 1
-            rows.append(window_frames(np.load(root / f"{rec['file']}.video.npy"), v["mean"], v["std"]))
+            row = window_frames(np.load(root / f"{rec['file']}.video.npy"), v["mean"], v["std"])
+            audio = root / f"{rec['file']}.audio.npy"
+            if audio.exists():
+                row.append(mel_tile(np.load(audio)))
+            rows.append(row)
             print(len(rows) - 1, rec["label"], rec["file"])
         write_png(out, grid(rows))
     else:

@@ -34,10 +34,10 @@ MODELS = HERE.parent
 VARIANTS: dict[str, tuple[dict, int]] = {
     "mbt": ({}, 8),
     "late": ({"fusion_layer": 4}, 6),
-    "vanilla": ({"fusion": "vanilla"}, 6),
-    "cross_attention": ({"fusion": "cross_attention"}, 6),
-    "audio_only": ({"modalities": ["audio"]}, 6),
-    "video_only": ({"modalities": ["video"]}, 6),
+    "vanilla": ({"fusion": "vanilla"}, 4),
+    "cross_attention": ({"fusion": "cross_attention"}, 4),
+    "audio_only": ({"modalities": ["audio"]}, 5),
+    "video_only": ({"modalities": ["video"]}, 5),
 }
 
 COMMON = ["--preset", "edge-small", "--batch-size", "32", "--lr", "1e-3", "--warmup-epochs", "0.5",
