@@ -123,6 +123,7 @@ def main() -> int:
     ap.add_argument("--binary", type=Path, default=DEFAULT_BINARY, help="the mbt-edge binary")
     ap.add_argument("--model", type=Path, help="recording model (default: OUT/bootstrap.onnx, exported if missing)")
     ap.add_argument("--keep-configs", action="store_true", help="keep OUT/configs/<clip>.toml")
+    ap.add_argument("--splits", default="train,test", help="which splits to record")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,8 +136,8 @@ def main() -> int:
                            cwd=MODELS, check=True, stdout=subprocess.DEVNULL)
     model = model.resolve()
     (out / "generate.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1) + "\n")
-    record_split(args, "train", args.train_clips, model)
-    record_split(args, "test", args.test_clips, model)
+    for split in args.splits.split(","):
+        record_split(args, split, {"train": args.train_clips, "test": args.test_clips}[split], model)
     return 0
 
 
