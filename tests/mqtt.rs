@@ -393,6 +393,25 @@ fn events_arrive_on_contract_topics_in_order_and_match_the_schema() {
 }
 
 #[test]
+fn qos0_events_leave_the_spool_once_written() {
+    init_logs();
+    let broker = Broker::start("");
+    let collector = Collector::start(broker.port, &events_topic(), None);
+    let spool_dir = tempfile::tempdir().unwrap();
+    let settings = MqttSettings { qos: 0, ..mqtt_settings(broker.port) };
+    let publisher = Publisher::start(settings, spool_settings(spool_dir.path()), publisher_info()).unwrap();
+    wait_connected(&publisher);
+    let events = EventSource::new().take(20);
+    for event in &events {
+        publisher.publish_event(event).unwrap();
+    }
+    assert!(publisher.wait_until_flushed(Duration::from_secs(5)));
+    collector.wait_for("every event", Duration::from_secs(5), |c| c.events().len() >= events.len());
+    check_delivery(&collector.events(), 1, events.len());
+    publisher.shutdown(Duration::from_secs(1));
+}
+
+#[test]
 fn broker_outage_of_20s_loses_nothing_and_replays_in_order() {
     init_logs();
     // Persistence keeps the subscriber's session (and what was queued for it) across the

@@ -101,6 +101,11 @@ impl EventSettings {
     pub fn for_label(&self, label: &str) -> &LabelSettings {
         self.per_label.get(label).unwrap_or(&self.default)
     }
+
+    /// The labels, of `labels`, that can produce events (for Home Assistant's binary sensors).
+    pub fn enabled_labels(&self, labels: &[String]) -> Vec<String> {
+        labels.iter().filter(|label| self.for_label(label).enabled).cloned().collect()
+    }
 }
 
 /// `start`, `update` or `end`.
