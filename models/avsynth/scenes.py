@@ -16,8 +16,9 @@ classes (and all of background).
 
 Each category has nuisance parameters (colours, speeds, sizes, frequencies, volumes, noise
 levels) drawn per clip. Every continuous nuisance range is cut into bins; the `train` split
-draws from the even bins and the `test` split from the odd ones, so test scenes use values
-never seen in training (other hues, frequencies, speeds, volumes, noise levels).
+draws from the even bins and the `test` split from the odd ones between them, so test scenes
+use values never seen in training (other hues, frequencies, speeds, volumes, noise levels)
+that lie within the training range.
 
 A scene is two gst-launch descriptions (`kind = "pipeline"` source of mbt-edge): the daemon
 appends the conversion to the model's format after the last element. Pure functions of a
@@ -53,7 +54,12 @@ SPLITS = ("train", "test")
 
 
 class Draw:
-    """Random nuisance values for one split: even bins for `train`, odd bins for `test`."""
+    """Random nuisance values for one split: even bins for `train`, odd bins for `test`.
+
+    The test split interpolates, it never extrapolates: its bins lie between training bins,
+    so the top bin (odd when `bins` is even) and integers above the largest training value
+    are left out of both splits. (Hues are circular: all odd hue bins lie between even ones.)
+    """
 
     def __init__(self, rng: random.Random, split: str):
         if split not in SPLITS:
@@ -61,19 +67,22 @@ class Draw:
         self.rng = rng
         self.parity = SPLITS.index(split)
 
-    def _bin(self, bins: int) -> int:
+    def _bin(self, bins: int, circular: bool = False) -> int:
+        if self.parity == 1 and not circular:
+            return 2 * self.rng.randrange((bins - 1) // 2) + 1  # odd bins below the last even one
         return 2 * self.rng.randrange(bins // 2) + self.parity
 
-    def uniform(self, lo: float, hi: float, bins: int = 8) -> float:
-        b = self._bin(bins)
+    def uniform(self, lo: float, hi: float, bins: int = 8, circular: bool = False) -> float:
+        b = self._bin(bins, circular)
         return lo + (hi - lo) * (b + self.rng.random()) / bins
 
     def log_uniform(self, lo: float, hi: float, bins: int = 8) -> float:
         return math.exp(self.uniform(math.log(lo), math.log(hi), bins))
 
     def integer(self, lo: int, hi: int) -> int:
-        """lo..=hi, train the even offsets, test the odd ones."""
-        choices = [v for v in range(lo, hi + 1) if (v - lo) % 2 == self.parity]
+        """lo..=hi, train the even offsets, test the odd ones between two training values."""
+        train = [v for v in range(lo, hi + 1) if (v - lo) % 2 == 0]
+        choices = train if self.parity == 0 else [v for v in range(lo + 1, max(train), 2)]
         return self.rng.choice(choices)
 
     def choice(self, options):
@@ -84,7 +93,7 @@ class Draw:
 
     def colour(self, value: tuple[float, float], saturation: tuple[float, float] = (0.5, 1.0)) -> str:
         """ARGB hex: hue from 12 bins of 30 degrees (train even, test odd)."""
-        hue = self.uniform(0.0, 1.0, bins=12)
+        hue = self.uniform(0.0, 1.0, bins=12, circular=True)
         s = self.rng.uniform(*saturation)
         v = self.rng.uniform(*value)
         r, g, b = (round(255 * c) for c in colorsys.hsv_to_rgb(hue, s, v))
