@@ -209,6 +209,8 @@ class Trainer:
                     s = int(rng.integers(0, max(1, f_len - w)))
                     x[r, :, s: s + w] = 0.0
             xs["audio"] = x
+        if "audio" in xs and (a.freq_shift > 0 or a.time_stretch > 0):
+            xs["audio"] = self.warp_audio(xs["audio"])
         if len(xs) == 2 and a.modality_dropout > 0:
             drop = rng.random(n) < a.modality_dropout
             which = rng.random(n) < 0.5  # True: lose video, False: lose audio
@@ -226,6 +228,34 @@ class Trainer:
                 xs[m] = lam * xs[m] + (1 - lam) * xs[m][perm]
                 ys[m] = lam * y + (1 - lam) * y[perm]
         return xs, ys
+
+    def warp_audio(self, x):
+        """Per window: stretch the log-mel in time by a factor in [1/(1+s), 1+s] (linear
+        interpolation; cropped, or padded with its last frame, back to T frames) and shift it
+        by up to `--freq-shift` mel bins (exposed bins repeat the edge bin). Shifts and
+        stretches fill the gaps between the frequencies, rates and durations seen in training."""
+        torch, a, rng = self.torch, self.args, self.rng
+        n, t_len, f_len = x.shape
+        out = torch.empty_like(x)
+        for r in range(n):
+            w = x[r]
+            if a.time_stretch > 0:
+                factor = float(math.exp(rng.uniform(-math.log1p(a.time_stretch), math.log1p(a.time_stretch))))
+                new_len = max(2, int(round(t_len * factor)))
+                w = torch.nn.functional.interpolate(w.T[None], size=new_len, mode="linear", align_corners=False)[0].T
+                if new_len >= t_len:
+                    s = int(rng.integers(0, new_len - t_len + 1))
+                    w = w[s: s + t_len]
+                else:
+                    w = torch.cat([w, w[-1:].expand(t_len - new_len, f_len)], dim=0)
+            if a.freq_shift > 0:
+                k = int(rng.integers(-a.freq_shift, a.freq_shift + 1))
+                if k > 0:
+                    w = torch.cat([w[:, :1].expand(t_len, k), w[:, :-k]], dim=1)
+                elif k < 0:
+                    w = torch.cat([w[:, -k:], w[:, -1:].expand(t_len, -k)], dim=1)
+            out[r] = w
+        return out
 
     def loss_fn(self, logits, target):
         F = self.torch.nn.functional
@@ -349,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-mask-width", type=int, default=24)
     ap.add_argument("--freq-masks", type=int, default=2)
     ap.add_argument("--freq-mask-width", type=int, default=16)
+    ap.add_argument("--freq-shift", type=int, default=0, help="shift each log-mel by up to this many mel bins")
+    ap.add_argument("--time-stretch", type=float, default=0.0,
+                    help="stretch each log-mel in time by a factor in [1/(1+S), 1+S]")
     ap.add_argument("--modality-dropout", type=float, default=0.0, help="per-sample probability of zeroing one sense")
     ap.add_argument("--restandardise", action="store_true",
                     help="re-estimate the audio mean/std from the training windows; the model is exported with them")

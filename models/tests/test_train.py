@@ -60,6 +60,7 @@ def test_train_resume_export(tmp_path):
     common = [str(tmp_path / "d"), "--out", str(run), "--config", str(tmp_path / "cfg.json"), "--batch-size", "8",
               "--threads", "1", "--mixup", "0.4", "--modality-mixup", "--specaugment", "--time-masks", "1",
               "--time-mask-width", "4", "--freq-masks", "1", "--freq-mask-width", "4", "--modality-dropout", "0.3",
+              "--freq-shift", "3", "--time-stretch", "0.2",
               "--restandardise", "--lr", "3e-3", "--val-fraction", "0.25"]
     assert train.main(common + ["--epochs", "2"]) == 0
     log = [json.loads(s) for s in (run / "log.jsonl").read_text().splitlines()]
@@ -92,3 +93,26 @@ def test_init_from_weights(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "re-initialised: ['head.bias', 'head.weight']" in out
+
+
+def test_warp_audio_shifts_mel_bins_and_stretches_time():
+    torch = pytest.importorskip("torch")
+    import types
+
+    from mbt.train import Trainer
+
+    tr = Trainer.__new__(Trainer)
+    tr.torch, tr.rng = torch, np.random.default_rng(0)
+    x = torch.zeros(16, 200, 64)
+    x[:, :, 30] = 1.0  # a steady tone in mel bin 30
+    x[:, ::20, 50] = 2.0  # a click every 20 frames in mel bin 50
+    tr.args = types.SimpleNamespace(freq_shift=4, time_stretch=0.0)
+    y = tr.warp_audio(x)
+    assert y.shape == x.shape
+    bins = {int((y[r] == 1.0).all(0).nonzero()[0]) for r in range(16)}
+    assert bins <= set(range(26, 35)) and len(bins) > 1
+    tr.args = types.SimpleNamespace(freq_shift=0, time_stretch=0.5)
+    y = tr.warp_audio(x)
+    assert y.shape == x.shape and torch.equal(y[:, :, 30], x[:, :, 30])
+    clicks = {int((y[r, :, 50] > 1.0).sum()) for r in range(16)}
+    assert len(clicks) > 1  # the click rate changes with the stretch
