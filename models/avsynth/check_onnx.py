@@ -24,6 +24,21 @@ from mbt.export import read_metadata  # noqa: E402
 from mbt.train import WindowDataset  # noqa: E402
 
 
+def same_recipe(a: dict | None, b: dict | None) -> bool:
+    """Equal recipes; floats within 1e-12 relative (the Rust JSON round trip may move the
+    last digit)."""
+    if a is None or b is None or set(a) != set(b):
+        return a == b
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, float) or isinstance(y, float):
+            if abs(float(x) - float(y)) > 1e-12 * max(1.0, abs(float(y))):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -42,7 +57,7 @@ def main() -> int:
     outputs = [o.name for o in sess.get_outputs()]
     for root in args.data:
         ds = WindowDataset(root)
-        if ds.features is not None and json.dumps(ds.features.get("audio"), sort_keys=True) != json.dumps(md.get("audio"), sort_keys=True):
+        if ds.features is not None and not same_recipe(ds.features.get("audio"), md.get("audio")):
             print(f"{root}: recorded with another audio standardisation than {args.model}; record it with this model",
                   file=sys.stderr)
             return 1
