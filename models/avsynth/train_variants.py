@@ -37,8 +37,8 @@ VARIANTS: dict[str, tuple[dict, int, list[str]]] = {
     "late": ({"fusion_layer": 4}, 6, []),
     "vanilla": ({"fusion": "vanilla"}, 4, []),
     "cross_attention": ({"fusion": "cross_attention"}, 4, []),
-    "audio_only": ({"modalities": ["audio"]}, 5, []),
-    "video_only": ({"modalities": ["video"]}, 5, []),
+    "audio_only": ({"modalities": ["audio"]}, 3, []),
+    "video_only": ({"modalities": ["video"]}, 3, []),
     # The shipped model: `mbt` fine-tuned with pitch/rate augmentation of the log-mel, which
     # closes most of the gap to the test split's unseen frequencies and click rates.
     "mbt_aug": ({}, 3, ["--init", "{runs}/mbt/best.pt", "--lr", "3e-4", "--warmup-epochs", "0.2",
