@@ -7,7 +7,7 @@ PACKAGES=(
   build-essential pkg-config ca-certificates curl git
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-tools
-  mosquitto mosquitto-clients openssl systemd
+  mosquitto mosquitto-clients openssl systemd bc
   python3 python3-venv python3-pip
 )
 

@@ -22,6 +22,8 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// EX_NOINPUT: an input file cannot be read.
     pub const NO_INPUT: u8 = 66;
+    /// EX_CANTCREAT: an output (the spool) cannot be created.
+    pub const CANT_CREATE: u8 = 73;
     /// EX_SOFTWARE: an internal error.
     pub const SOFTWARE: u8 = 70;
     /// EX_CONFIG: the configuration or the model is invalid.
@@ -63,6 +65,10 @@ pub fn prepare(config_path: &Path) -> Result<Prepared, Failure> {
         );
         Failure::config(located)
     })?;
+    if let Err(err) = settings.events_raw.check_labels(&model.metadata.labels) {
+        let text = std::fs::read_to_string(config_path).unwrap_or_default();
+        return Err(Failure::config(crate::config::place(config_path, &text, err)));
+    }
     let model_length = model.metadata.window_length();
     let window_length = match settings.window.seconds {
         Some(seconds) if seconds.abs_diff(model_length) > Duration::from_micros(1) => {

@@ -4,12 +4,16 @@
 //! directly and through the binary.
 
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod features;
+pub mod infer;
 pub mod media;
 pub mod model;
 pub mod npy;
+pub mod publish;
 pub mod record;
 pub mod stage;
 pub mod telemetry;

@@ -4,14 +4,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand};
+use mbt_edge::cli;
 use mbt_edge::config::DEFAULT_CONFIG_PATH;
-use mbt_edge::daemon::{self, Failure, Sources, exit};
-use mbt_edge::features::Featurizer;
-use mbt_edge::record::DatasetWriter;
-use mbt_edge::stage::StageOutput;
+use mbt_edge::daemon::exit;
 
 #[derive(Parser)]
 #[command(name = "mbt-edge", version, about = "Audio-visual event detection with a Multimodal Bottleneck Transformer")]
@@ -34,6 +31,34 @@ enum Command {
     CheckConfig {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+    /// Classify a recorded clip: one JSON object per window on stdout (exit 66: unreadable input).
+    Classify {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// A file path or a URI (file://, http://, rtsp://, ...).
+        #[arg(long)]
+        input: String,
+        /// Labels listed per window, best first.
+        #[arg(long, default_value_t = 3)]
+        top: usize,
+    },
+    /// Time preprocessing and inference per window on this machine.
+    Bench {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Timed inference runs per batch size.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Batch sizes to time, comma-separated.
+        #[arg(long, default_value = "1", value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// Other model files to time in the same run (same inputs), e.g. an int8 variant.
+        #[arg(long = "also")]
+        also: Vec<PathBuf>,
     },
     /// Save N windows of model inputs (exactly as the daemon computes them) for training.
     Record {
@@ -61,10 +86,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
     let result = match cli.command {
-        Command::Run { config } => run(&config),
-        Command::CheckConfig { config } => check_config(&config),
+        Command::Run { config } => cli::run(&config),
+        Command::CheckConfig { config } => cli::check_config(&config),
+        Command::Classify { config, input, top } => cli::classify(&config, &input, top),
+        Command::Bench { config, json, runs, batch, also } => cli::bench(&config, json, runs, &batch, &also),
         Command::Record { config, source, label, out, windows, skip } => {
-            record(&config, &source, &label, &out, windows, skip)
+            cli::record(&config, &source, &label, &out, windows, skip)
         }
     };
     match result {
@@ -84,98 +111,4 @@ fn init_logging(cli_level: Option<&str>) {
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
-}
-
-fn check_config(config: &std::path::Path) -> Result<(), Failure> {
-    let prepared = daemon::prepare(config)?;
-    let model = &prepared.model;
-    println!(
-        "{}: ok; model {} ({} labels, sha256 {}), window {:?} every {:?}, {} source(s)",
-        config.display(),
-        model.name(),
-        model.metadata.labels.len(),
-        &model.sha256[..12],
-        prepared.window_length,
-        prepared.settings.window.hop,
-        prepared.settings.sources.len()
-    );
-    Ok(())
-}
-
-fn run(config: &std::path::Path) -> Result<(), Failure> {
-    let prepared = daemon::prepare(config)?;
-    let stop = daemon::stop_flag().map_err(Failure::other)?;
-    let mut sources = Sources::start(&prepared, &prepared.settings.sources, true).map_err(Failure::other)?;
-    tracing::info!(model = prepared.model.name(), sources = prepared.settings.sources.len(), "running");
-    sources.run(&stop, |stage, output| match output {
-        StageOutput::Window(window) => {
-            tracing::info!(source = %window.source, index = window.index, start = ?window.start_utc, degraded = ?window.degraded, "window");
-        }
-        StageOutput::Status { source_idx, status, detail } => {
-            tracing::info!(source = stage.source_name(source_idx), status = status.as_str(), detail, "source status");
-        }
-        StageOutput::Finished { source_idx } => tracing::info!(source = stage.source_name(source_idx), "source finished"),
-        StageOutput::Failed { source_idx, message } => tracing::error!(source = stage.source_name(source_idx), message, "source failed"),
-    });
-    tracing::info!(signal = stop.load(Ordering::SeqCst), "stopping");
-    sources.stop();
-    Ok(())
-}
-
-fn record(
-    config: &std::path::Path,
-    source_name: &str,
-    label: &str,
-    out: &std::path::Path,
-    windows: u64,
-    skip: u64,
-) -> Result<(), Failure> {
-    let prepared = daemon::prepare(config)?;
-    let source = prepared.settings.source(source_name).cloned().ok_or_else(|| {
-        let names: Vec<&str> = prepared.settings.sources.iter().map(|source| source.name.as_str()).collect();
-        Failure::config(anyhow::anyhow!(
-            "{}: no [[source]] named {source_name:?}; configured: {}",
-            config.display(),
-            names.join(", ")
-        ))
-    })?;
-    let mut featurizer = Featurizer::new(&prepared.model.metadata).map_err(Failure::config)?;
-    let mut writer = DatasetWriter::open(out, &prepared.model.metadata).map_err(Failure::other)?;
-    let stop = daemon::stop_flag().map_err(Failure::other)?;
-    let mut sources = Sources::start(&prepared, std::slice::from_ref(&source), false).map_err(Failure::other)?;
-    let mut video = vec![0.0; featurizer.video_len()];
-    let mut audio = vec![0.0; featurizer.audio_len()];
-    let (mut seen, mut written) = (0u64, 0u64);
-    let mut error: Option<Failure> = None;
-    let done = std::sync::atomic::AtomicBool::new(false);
-    sources.run(&stop, |_, output| match output {
-        StageOutput::Window(window) => {
-            seen += 1;
-            if seen <= skip || written >= windows || error.is_some() {
-                return;
-            }
-            featurizer.fill(&window, &mut video, &mut audio);
-            match writer.write(label, &window, &video, &audio) {
-                Ok(_) => written += 1,
-                Err(err) => error = Some(Failure::other(err)),
-            }
-            if written >= windows {
-                done.store(true, Ordering::SeqCst);
-                stop.store(true, Ordering::SeqCst);
-            }
-        }
-        StageOutput::Failed { message, .. } => {
-            error = Some(Failure { code: exit::NO_INPUT, error: anyhow::anyhow!("source {source_name:?}: {message}") });
-        }
-        StageOutput::Status { .. } | StageOutput::Finished { .. } => {}
-    });
-    sources.stop();
-    if let Some(failure) = error {
-        return Err(failure);
-    }
-    eprintln!("recorded {written} window(s) of source {source_name:?} as {label:?} into {}", out.display());
-    if written < windows && !done.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
-        eprintln!("the source ended before {windows} windows");
-    }
-    Ok(())
 }

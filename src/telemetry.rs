@@ -24,6 +24,48 @@ pub struct SourceCounters {
     pub last_av_skew_seconds: Option<f64>,
 }
 
+/// Inference totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct InferenceCounters {
+    pub batches: u64,
+    pub windows: u64,
+    pub features_seconds: f64,
+    pub inference_seconds: f64,
+    /// Batch latency histogram: counts of batches at or under each bound of `LATENCY_BOUNDS`.
+    pub latency_buckets: [u64; LATENCY_BOUNDS.len()],
+}
+
+/// Upper bounds (seconds) of the inference latency histogram buckets.
+pub const LATENCY_BOUNDS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, f64::INFINITY];
+
+static INFERENCE: Mutex<InferenceCounters> = Mutex::new(InferenceCounters {
+    batches: 0,
+    windows: 0,
+    features_seconds: 0.0,
+    inference_seconds: 0.0,
+    latency_buckets: [0; LATENCY_BOUNDS.len()],
+});
+
+/// A copy of the inference totals.
+pub fn inference() -> InferenceCounters {
+    *INFERENCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn inference_ran(batch: usize, features: Duration, inference: Duration) {
+    tracing::trace!(batch, features = ?features, inference = ?inference, "batch inferred");
+    let mut counters = INFERENCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    counters.batches += 1;
+    counters.windows += batch as u64;
+    counters.features_seconds += features.as_secs_f64();
+    counters.inference_seconds += inference.as_secs_f64();
+    let seconds = inference.as_secs_f64();
+    for (bound, count) in LATENCY_BOUNDS.iter().zip(counters.latency_buckets.iter_mut()) {
+        if seconds <= *bound {
+            *count += 1;
+        }
+    }
+}
+
 static SOURCES: Mutex<BTreeMap<String, SourceCounters>> = Mutex::new(BTreeMap::new());
 
 fn with_source(source: &str, update: impl FnOnce(&mut SourceCounters)) {

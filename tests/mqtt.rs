@@ -7,14 +7,17 @@
 //! A subscriber here is a plain rumqttc client with a persistent session, so it sees what
 //! the broker queued for it while it was down.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{Broker, free_port};
 use mbt_edge::events::{Event, EventEngine, EventIdGenerator, EventSettings, LabelSettings, WindowScores};
 use mbt_edge::publish::settings::BrokerUrl;
 use mbt_edge::publish::spool::Spool;
@@ -25,80 +28,6 @@ use time::format_description::well_known::Rfc3339;
 
 const DEVICE: &str = "testdev";
 const SOURCE: &str = "porch";
-
-/// A mosquitto process on a loopback port; killed (by PID) when dropped.
-struct Broker {
-    port: u16,
-    conf: PathBuf,
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    /// `extra` is appended to the config; `{dir}` in it is replaced by the broker's folder.
-    fn start(extra: &str) -> Broker {
-        Self::start_with(|port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"))
-    }
-
-    fn start_with(conf_text: impl Fn(u16) -> String) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        // As root, mosquitto would switch to its own user, which cannot read these files.
-        let text = format!("user root\n{}", conf_text(port)).replace("{dir}", &dir.path().display().to_string());
-        std::fs::write(&conf, text).unwrap();
-        let mut broker = Broker { port, conf, child: None, _dir: dir };
-        broker.resume();
-        broker
-    }
-
-    fn resume(&mut self) {
-        let log = std::fs::File::create(self.conf.with_extension("log")).unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("mosquitto is installed (apt-get install mosquitto)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not start on {}: {}",
-                self.port,
-                std::fs::read_to_string(self.conf.with_extension("log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, so that mosquitto saves persistent sessions, then wait.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, "TERM");
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn signal(child: &Child, name: &str) {
-    let _ = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status();
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 #[derive(Debug, Clone)]
 struct Received {

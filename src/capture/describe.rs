@@ -99,7 +99,7 @@ pub fn describe(source: &SourceSettings, format: CaptureFormat, mode: SinkMode) 
 fn video_tail(width: u32, height: u32, max_fps: Option<u32>, mode: SinkMode) -> String {
     let rate = max_fps.map(|fps| format!("videorate drop-only=true max-rate={fps} ! ")).unwrap_or_default();
     format!(
-        "queue max-size-buffers=4 max-size-bytes=0 max-size-time=0 ! {rate}videoconvert ! videoscale ! \
+        "queue max-size-buffers=4 max-size-bytes=0 max-size-time=0 ! {rate}videoscale ! videoconvert ! \
          video/x-raw,format=RGB,width={width},height={height} ! \
          appsink name={VIDEO_SINK} sync={} max-buffers=4 drop=false enable-last-sample=false",
         mode.sync
@@ -121,7 +121,7 @@ fn test_video(test: &TestSource) -> String {
         .map(|duration| format!(" num-buffers={}", (duration.as_secs_f64() * test.fps as f64).ceil() as u64))
         .unwrap_or_default();
     format!(
-        "videotestsrc is-live={} pattern={}{num_buffers} {} ! video/x-raw,width={},height={},framerate={}/1",
+        "videotestsrc is-live={} pattern={}{num_buffers} {} ! video/x-raw,format=I420,width={},height={},framerate={}/1",
         test.is_live, test.pattern, test.video_extra, test.width, test.height, test.fps
     )
 }

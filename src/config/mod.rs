@@ -15,6 +15,10 @@ use std::time::Duration;
 
 pub use raw::RawConfig;
 
+use crate::events::EventSettings;
+use crate::publish::settings::RawEvents;
+use crate::publish::{MqttSettings, SpoolSettings};
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/mbt-edge/config.toml";
 
@@ -63,7 +67,7 @@ impl FieldError {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub file: PathBuf,
     pub device_id: String,
@@ -71,10 +75,11 @@ pub struct Settings {
     pub window: WindowConfig,
     pub sources: Vec<SourceSettings>,
     pub log_level: Option<String>,
-    /// Sections other stages validate themselves (`[events]`, `[mqtt]`, `[spool]`, `[service]`).
-    pub events: Option<toml::Table>,
-    pub mqtt: Option<toml::Table>,
-    pub spool: Option<toml::Table>,
+    pub events: EventSettings,
+    /// `[events]` as written, to check its label names against the model once it is read.
+    pub events_raw: RawEvents,
+    pub mqtt: MqttSettings,
+    pub spool: SpoolSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]

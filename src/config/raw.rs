@@ -3,6 +3,8 @@
 //! `validate.rs`.
 
 use serde::Deserialize;
+
+pub use crate::publish::settings::{RawEvents, RawMqtt, RawSpool};
 use toml::Spanned;
 
 /// The whole file.
@@ -20,11 +22,14 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     /// Event engine thresholds (`[events]`, `[events.labels."<label>"]`).
-    pub events: Option<toml::Table>,
+    #[serde(default)]
+    pub events: RawEvents,
     /// MQTT broker and topics.
-    pub mqtt: Option<toml::Table>,
+    #[serde(default)]
+    pub mqtt: RawMqtt,
     /// The on-disk event spool.
-    pub spool: Option<toml::Table>,
+    #[serde(default)]
+    pub spool: RawSpool,
 }
 
 #[derive(Debug, Default, Deserialize)]

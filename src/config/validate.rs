@@ -87,6 +87,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
     }
 
     let log_level = raw.log.level.map(Spanned::into_inner);
+    let mqtt = raw.mqtt.validate(&device_id)?;
     Ok(Settings {
         file: path.to_path_buf(),
         device_id,
@@ -94,9 +95,16 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
         window,
         sources,
         log_level,
-        events: raw.events,
-        mqtt: raw.mqtt,
-        spool: raw.spool,
+        events: raw.events.clone().validate()?,
+        events_raw: raw.events,
+        mqtt,
+        spool: {
+            let mut spool = raw.spool.validate()?;
+            if spool.dir.is_relative() {
+                spool.dir = path.parent().unwrap_or(Path::new(".")).join(&spool.dir);
+            }
+            spool
+        },
     })
 }
 

@@ -11,6 +11,10 @@ use anyhow::{Context as _, bail, ensure};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::{Runnable, Runtime as TractRuntime, runtime_for_name};
 
+// Linking tract-cuda registers its runtime in tract's registry.
+#[cfg(feature = "gpu")]
+use tract_cuda as _;
+
 use super::{ModelError, ModelInfo};
 use crate::config::Runtime as RuntimeChoice;
 
@@ -55,14 +59,15 @@ pub fn select_backend(choice: RuntimeChoice) -> Result<&'static dyn TractRuntime
     match choice {
         RuntimeChoice::Cpu => cpu(),
         RuntimeChoice::Cuda | RuntimeChoice::Auto => {
-            let cuda = if cfg!(feature = "cuda") {
+            let cuda = if cfg!(feature = "gpu") {
                 match runtime_for_name("cuda") {
                     Ok(Some(runtime)) => Ok(runtime),
                     Ok(None) => Err("tract's cuda runtime is not registered".to_string()),
                     Err(err) => Err(format!("no usable CUDA driver: {err:#}")),
                 }
             } else {
-                Err("this build has no CUDA support (build with `--features cuda`)".to_string())
+                Err("this build has no CUDA support (build with `--features cuda`, or `cuda-12` on a Jetson)"
+                    .to_string())
             };
             match (cuda, choice) {
                 (Ok(runtime), _) => Ok(runtime),

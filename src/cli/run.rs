@@ -1,0 +1,203 @@
+//! `mbt-edge check-config` and `mbt-edge run`.
+//!
+//! `run` wires the stages: capture and the window stage on this thread, the inference worker
+//! on its own, and an events thread that owns the event engine and the publisher (statuses
+//! reach it over a channel, so the publisher has one owner and shuts down cleanly).
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, bounded, select, unbounded};
+use serde_json::{Map, Value, json};
+
+use crate::capture::SourceStatus;
+use crate::daemon::{self, Failure, Sources, exit};
+use crate::events::{EventEngine, WindowScores};
+use crate::infer::{self, ScoredWindow};
+use crate::model::ModelRuntime;
+use crate::publish::{self, Publisher, PublisherInfo};
+use crate::stage::StageOutput;
+use crate::telemetry;
+
+/// Validates config and model; prints a one-line summary.
+pub fn check_config(config: &Path) -> Result<(), Failure> {
+    let prepared = daemon::prepare(config)?;
+    let model = &prepared.model;
+    println!(
+        "{}: ok; model {} ({} labels, sha256 {}), window {:?} every {:?}, {} source(s)",
+        config.display(),
+        model.name(),
+        model.metadata.labels.len(),
+        &model.sha256[..12],
+        prepared.window_length,
+        prepared.settings.window.hop,
+        prepared.settings.sources.len()
+    );
+    Ok(())
+}
+
+/// What the main thread tells the events thread besides scores.
+enum Notice {
+    Status { source: String, status: SourceStatus },
+    SourceDone { source: String },
+}
+
+/// The daemon: runs until SIGTERM/SIGINT, or until every source (files) has ended.
+pub fn run(config: &Path) -> Result<(), Failure> {
+    let prepared = daemon::prepare(config)?;
+    let settings = &prepared.settings;
+    let model = &prepared.model;
+    let stop = daemon::stop_flag().map_err(Failure::other)?;
+    let runtime = ModelRuntime::load(model, settings.model.runtime, settings.model.threads).map_err(Failure::config)?;
+    tracing::info!(
+        model = model.name(),
+        sha256 = &model.sha256[..12],
+        runtime = %runtime.backend_name(),
+        threads = settings.model.threads,
+        "model loaded"
+    );
+
+    let labels = model.metadata.labels.clone();
+    let enabled_labels = labels
+        .iter()
+        .filter(|label| settings.events.per_label.get(*label).is_none_or(|label_settings| label_settings.enabled))
+        .cloned()
+        .collect();
+    let info = PublisherInfo {
+        sources: settings.sources.iter().map(|source| source.name.clone()).collect(),
+        labels: labels.clone(),
+        enabled_labels,
+        model: publish::ModelInfo { name: model.name().to_string(), sha256: model.sha256.clone() },
+    };
+    let publisher = Publisher::start(settings.mqtt.clone(), settings.spool.clone(), info)
+        .map_err(|err| Failure { code: exit::CANT_CREATE, error: anyhow::anyhow!("starting the publisher: {err}") })?;
+
+    let (results_tx, results) = bounded::<ScoredWindow>(64);
+    let capacity = settings.model.max_batch * 2;
+    let (queue, worker) =
+        infer::spawn(runtime, model.metadata.clone(), settings.model.max_batch, capacity, false, results_tx)
+            .map_err(Failure::config)?;
+    let (notices_tx, notices) = unbounded::<Notice>();
+    let engine = EventEngine::new(settings.events.clone(), labels, model.metadata.multi_label);
+    let events_thread = std::thread::Builder::new()
+        .name("events".into())
+        .spawn(move || events_loop(engine, publisher, results, notices))
+        .map_err(Failure::other)?;
+
+    let mut sources = Sources::start(&prepared, &settings.sources, true).map_err(Failure::other)?;
+    tracing::info!(sources = settings.sources.len(), "running");
+    sources.run(&stop, |stage, output| match output {
+        StageOutput::Window(window) => queue.push(window),
+        StageOutput::Status { source_idx, status, detail } => {
+            let source = stage.source_name(source_idx).to_string();
+            tracing::info!(source, status = status.as_str(), detail, "source status");
+            let _ = notices_tx.send(Notice::Status { source, status });
+        }
+        StageOutput::Finished { source_idx } => {
+            let source = stage.source_name(source_idx).to_string();
+            tracing::info!(source, "source finished");
+            let _ = notices_tx.send(Notice::SourceDone { source });
+        }
+        StageOutput::Failed { source_idx, message } => {
+            let source = stage.source_name(source_idx).to_string();
+            tracing::error!(source, message, "source failed and will not be retried");
+            let _ = notices_tx.send(Notice::SourceDone { source });
+        }
+    });
+    tracing::info!(signal = stop.load(Ordering::SeqCst), "stopping");
+    sources.stop();
+    // The worker finishes the windows in flight, then the events thread drains its results.
+    drop(queue);
+    let _ = worker.join();
+    drop(notices_tx);
+    let _ = events_thread.join();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Owns the event engine and the publisher until both input channels close.
+fn events_loop(
+    mut engine: EventEngine,
+    publisher: Publisher,
+    results: Receiver<ScoredWindow>,
+    notices: Receiver<Notice>,
+) {
+    let mut results_open = true;
+    let mut notices_open = true;
+    let mut last_stats = Instant::now();
+    let publish = |publisher: &Publisher, events: Vec<crate::events::Event>| {
+        for event in events {
+            if let Err(err) = publisher.publish_event(&event) {
+                tracing::error!(error = %err, label = event.label, "event could not be spooled");
+            }
+        }
+    };
+    while results_open || notices_open {
+        select! {
+            recv(if results_open { results.clone() } else { crossbeam_channel::never() }) -> message => match message {
+                Ok(scored) => {
+                    let scores = WindowScores {
+                        source: scored.source.to_string(),
+                        window_start: scored.start_utc,
+                        window_end: scored.end_utc,
+                        fused: scored.fused,
+                        audio: scored.audio,
+                        video: scored.video,
+                        degraded: scored.degraded,
+                    };
+                    publisher.publish_scores(&scores);
+                    let events = engine.process(&scores);
+                    publish(&publisher, events);
+                }
+                Err(_) => results_open = false,
+            },
+            recv(if notices_open { notices.clone() } else { crossbeam_channel::never() }) -> message => match message {
+                Ok(Notice::Status { source, status }) => publisher.set_source_status(&source, status),
+                Ok(Notice::SourceDone { source }) => publish(&publisher, engine.finish_source(&source)),
+                Err(_) => notices_open = false,
+            },
+            default(Duration::from_secs(1)) => {}
+        }
+        if last_stats.elapsed() >= Duration::from_secs(5) {
+            last_stats = Instant::now();
+            publisher.set_runtime_stats(runtime_stats());
+        }
+    }
+    // Open events end with the daemon, so consumers never wait for an `end` that won't come.
+    for source in engine.sources_with_open_events() {
+        publish(&publisher, engine.finish_source(&source));
+    }
+    publisher.set_runtime_stats(runtime_stats());
+    publisher.shutdown(Duration::from_secs(5));
+}
+
+/// The `runtime` part of the stats message, from the telemetry counters.
+fn runtime_stats() -> Map<String, Value> {
+    let inference = telemetry::inference();
+    let mut sources = Map::new();
+    for (name, counters) in telemetry::snapshot() {
+        sources.insert(
+            name,
+            json!({
+                "windows_built": counters.windows_built,
+                "windows_degraded": counters.windows_degraded,
+                "windows_dropped": counters.windows_dropped,
+                "restarts": counters.restarts,
+                "failures": counters.failures,
+                "av_skew_seconds": counters.last_av_skew_seconds,
+            }),
+        );
+    }
+    let mut stats = Map::new();
+    stats.insert("sources".into(), Value::Object(sources));
+    stats.insert(
+        "inference".into(),
+        json!({
+            "batches": inference.batches,
+            "windows": inference.windows,
+            "mean_ms_per_window": if inference.windows > 0 { inference.inference_seconds * 1e3 / inference.windows as f64 } else { 0.0 },
+        }),
+    );
+    stats
+}

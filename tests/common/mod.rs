@@ -1,0 +1,146 @@
+//! Shared by the test crates: a real mosquitto on a free loopback port.
+
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A mosquitto process on a loopback port; killed (by PID) when dropped.
+pub struct Broker {
+    pub port: u16,
+    pub conf: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// `extra` is appended to the config; `{dir}` in it is replaced by the broker's folder.
+    pub fn start(extra: &str) -> Broker {
+        Self::start_with(|port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"))
+    }
+
+    pub fn start_with(conf_text: impl Fn(u16) -> String) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        // As root, mosquitto would switch to its own user, which cannot read these files.
+        let user = if unsafe_is_root() { "user root\n" } else { "" };
+        let text = format!("{user}{}", conf_text(port)).replace("{dir}", &dir.path().display().to_string());
+        std::fs::write(&conf, text).unwrap();
+        let mut broker = Broker { port, conf, child: None, _dir: dir };
+        broker.resume();
+        broker
+    }
+
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.conf.with_extension("log")).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on {}: {}",
+                self.port,
+                std::fs::read_to_string(self.conf.with_extension("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, so that mosquitto saves persistent sessions, then wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    std::env::var("USER").map(|user| user == "root").unwrap_or(false)
+        || std::fs::read_to_string("/proc/self/status")
+            .map(|status| {
+                status.lines().any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false)
+}
+
+/// Sends signal `name` (e.g. "TERM", "KILL", "HUP") to `child`.
+pub fn signal(child: &Child, name: &str) {
+    let _ = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status();
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `mosquitto_sub` printing `topic payload` lines for `filter` into a file until dropped.
+pub struct Subscriber {
+    child: Child,
+    pub output: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Subscriber {
+    pub fn start(port: u16, filter: &str) -> Subscriber {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("messages.txt");
+        let file = std::fs::File::create(&output).unwrap();
+        let child = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-v", "-t", filter])
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub is installed (apt-get install mosquitto-clients)");
+        // Give it a moment to subscribe.
+        std::thread::sleep(Duration::from_millis(300));
+        Subscriber { child, output, _dir: dir }
+    }
+
+    /// (topic, payload) pairs received so far.
+    pub fn messages(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(&self.output)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split_once(' ').map(|(topic, payload)| (topic.to_string(), payload.to_string())))
+            .collect()
+    }
+
+    /// Waits until `done` holds for the messages, or panics with `what`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&[(String, String)]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let messages = self.messages();
+            if done(&messages) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; got {messages:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
