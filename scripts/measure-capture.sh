@@ -29,7 +29,7 @@ url = "mqtt://127.0.0.1:1"
 [spool]
 dir = "$PWD/$out/spool"
 TOML
-target/release/mbt-edge run --config "$out/config.toml" --log-level warn 2> "$out/run.log" &
+"${MBT_EDGE:-target/release/mbt-edge}" run --config "$out/config.toml" --log-level warn 2> "$out/run.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 ticks=$(getconf CLK_TCK)

@@ -15,6 +15,7 @@ pub mod model;
 pub mod npy;
 pub mod publish;
 pub mod record;
+pub mod service;
 pub mod stage;
 pub mod telemetry;
 pub mod window;

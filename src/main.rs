@@ -97,7 +97,6 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(failure) => {
-            tracing::error!("{:#}", failure.error);
             eprintln!("mbt-edge: {:#}", failure.error);
             ExitCode::from(failure.code)
         }

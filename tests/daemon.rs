@@ -114,3 +114,139 @@ fn run_publishes_events_statuses_and_stops_cleanly_on_sigterm() {
     let seqs: Vec<u64> = events.iter().map(|event| event["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|pair| pair[1] == pair[0] + 1), "seq has gaps: {seqs:?}");
 }
+
+fn tiny_config(dir: &Path) -> PathBuf {
+    let config = dir.join("tiny.toml");
+    let model = repo().join("models/testdata/mbt-tiny.onnx");
+    std::fs::write(&config, format!("[model]\npath = \"{}\"\nthreads = 1\n", model.display())).unwrap();
+    config
+}
+
+#[test]
+fn classify_prints_one_json_line_per_window_of_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.webm");
+    // 4 s of VP8 + Opus; the tiny model's window is 0.64 s, hop 1 s: windows start at 0, 1, 2, 3.
+    let status = Command::new("gst-launch-1.0")
+        .args(["-q", "webmmux", "name=mux", "!", "filesink"])
+        .arg(format!("location={}", clip.display()))
+        .args(["videotestsrc", "num-buffers=120", "!", "video/x-raw,width=320,height=240,framerate=30/1"])
+        .args(["!", "vp8enc", "deadline=1", "!", "queue", "!", "mux."])
+        .args(["audiotestsrc", "num-buffers=200", "samplesperbuffer=960", "!", "audio/x-raw,rate=48000,channels=2"])
+        .args(["!", "opusenc", "!", "queue", "!", "mux."])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+        .args(["classify", "--top", "2", "--config"])
+        .arg(tiny_config(dir.path()))
+        .arg("--input")
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let starts: Vec<f64> = lines.iter().map(|line| line["offset_start"].as_f64().unwrap()).collect();
+    assert_eq!(starts, [0.0, 1.0, 2.0, 3.0]);
+    for line in &lines {
+        let top = line["top"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert!(top[0]["score"].as_f64() >= top[1]["score"].as_f64());
+        assert!(top[0]["audio"].is_number() && top[0]["video"].is_number());
+    }
+}
+
+#[test]
+fn classify_of_an_unreadable_input_exits_66() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.webm");
+    std::fs::write(&garbage, vec![0x42u8; 4096]).unwrap();
+    for input in [dir.path().join("absent.webm"), garbage] {
+        let output = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+            .args(["classify", "--config"])
+            .arg(tiny_config(dir.path()))
+            .arg("--input")
+            .arg(&input)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(66), "{}: {}", input.display(), String::from_utf8_lossy(&output.stderr));
+        assert!(output.stdout.is_empty());
+    }
+}
+
+/// Two live scenes of the demo config (config.toml): the shipped AV-Synth model must name
+/// each one, and only that one, in its events.
+#[test]
+fn demo_model_names_the_scenes_of_the_demo_config() {
+    let broker = Broker::start("");
+    let subscriber = Subscriber::start(broker.port, "mbt-edge/+/+/events");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let text = format!(
+        r#"
+[device]
+id = "demo"
+
+[model]
+path = "{model}"
+threads = 1
+
+[window]
+hop = 1.0
+
+[[source]]
+name = "yard"
+kind = "test"
+pattern = "ball"
+video_extra = "motion=wavy foreground-color=0xffffa020 background-color=0xff182848"
+wave = "sine"
+freq = 440.0
+volume = 0.3
+width = 160
+height = 120
+fps = 15
+sample_rate = 16000
+
+[[source]]
+name = "gate"
+kind = "test"
+pattern = "bar"
+video_extra = "foreground-color=0xff40e0ff background-color=0xff202020 horizontal-speed=3"
+wave = "ticks"
+freq = 880.0
+volume = 0.4
+audio_extra = "sine-periods-per-tick=97 tick-interval=400000000 apply-tick-ramp=true"
+width = 160
+height = 120
+fps = 15
+sample_rate = 16000
+
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+
+[spool]
+dir = "{spool}"
+"#,
+        model = repo().join("models/avsynth-edge.onnx").display(),
+        port = broker.port,
+        spool = dir.path().join("spool").display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = start_daemon(&config);
+    let log = || std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    subscriber.wait_for("start events from both sources", Duration::from_secs(60), |messages| {
+        ["yard", "gate"].iter().all(|source| {
+            messages
+                .iter()
+                .any(|(topic, payload)| topic.contains(&format!("/{source}/")) && payload.contains("\"start\""))
+        })
+    });
+    signal(&daemon, "TERM");
+    assert_eq!(daemon.wait().unwrap().code(), Some(0), "{}", log());
+    for (topic, payload) in subscriber.messages() {
+        let event: Value = serde_json::from_str(&payload).unwrap();
+        let expected = if topic.contains("/yard/") { "ball_tone" } else { "bar_beeps" };
+        assert_eq!(event["label"], expected, "{topic}: {event}");
+    }
+}

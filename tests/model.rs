@@ -49,6 +49,11 @@ fn tiny_model_matches_pytorch() {
 }
 
 #[test]
+fn demo_model_matches_pytorch() {
+    check_parity(&repo().join("models/avsynth-edge.onnx"), 1e-4);
+}
+
+#[test]
 fn batches_of_any_size_give_the_same_logits_as_single_windows() {
     let model = repo().join("models/testdata/mbt-tiny.onnx");
     let info = ModelInfo::read(&model).unwrap();
