@@ -51,7 +51,15 @@ pub fn inference() -> InferenceCounters {
     *INFERENCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+static LAST_INFERENCE: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+
+/// When the last batch finished, for the watchdog's health rule.
+pub fn last_inference() -> Option<std::time::Instant> {
+    *LAST_INFERENCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub fn inference_ran(batch: usize, features: Duration, inference: Duration) {
+    *LAST_INFERENCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(std::time::Instant::now());
     tracing::trace!(batch, features = ?features, inference = ?inference, "batch inferred");
     let mut counters = INFERENCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     counters.batches += 1;

@@ -250,3 +250,53 @@ dir = "{spool}"
         assert_eq!(event["label"], expected, "{topic}: {event}");
     }
 }
+
+/// systemd's notify protocol through a fake NOTIFY_SOCKET: READY=1 once running, STATUS=
+/// lines, WATCHDOG=1 pings while windows flow, STOPPING=1 on SIGTERM.
+#[test]
+fn notify_socket_sees_ready_status_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(config.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut received: Vec<String> = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buffer) {
+            received.extend(String::from_utf8_lossy(&buffer[..n]).lines().map(str::to_string));
+        }
+        if received.iter().filter(|line| *line == "WATCHDOG=1").count() >= 3 {
+            break;
+        }
+    }
+    signal(&daemon, "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline && !received.iter().any(|line| line == "STOPPING=1") {
+        if let Ok(n) = socket.recv(&mut buffer) {
+            received.extend(String::from_utf8_lossy(&buffer[..n]).lines().map(str::to_string));
+        }
+    }
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    let position = |wanted: &str| received.iter().position(|line| line.starts_with(wanted));
+    let ready = position("READY=1").unwrap_or_else(|| panic!("no READY=1 in {received:?}"));
+    let watchdog = position("WATCHDOG=1").unwrap_or_else(|| panic!("no WATCHDOG=1 in {received:?}"));
+    let stopping = position("STOPPING=1").unwrap_or_else(|| panic!("no STOPPING=1 in {received:?}"));
+    assert!(ready < watchdog && watchdog < stopping, "{received:?}");
+    assert!(
+        received.iter().any(|line| line.starts_with("STATUS=healthy") && line.contains("yard online")),
+        "{received:?}"
+    );
+}

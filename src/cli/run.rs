@@ -4,8 +4,10 @@
 //! on its own, and an events thread that owns the event engine and the publisher (statuses
 //! reach it over a channel, so the publisher has one owner and shuts down cleanly).
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, bounded, select, unbounded};
@@ -14,9 +16,10 @@ use serde_json::{Map, Value, json};
 use crate::capture::SourceStatus;
 use crate::daemon::{self, Failure, Sources, exit};
 use crate::events::{EventEngine, WindowScores};
-use crate::infer::{self, ScoredWindow};
+use crate::infer::{self, ScoredWindow, WindowQueue};
 use crate::model::ModelRuntime;
 use crate::publish::{self, Publisher, PublisherInfo};
+use crate::service::{Health, HealthInput, HealthSettings, Notifier, SourceActivity, Verdict};
 use crate::stage::StageOutput;
 use crate::telemetry;
 
@@ -87,11 +90,22 @@ pub fn run(config: &Path) -> Result<(), Failure> {
 
     let mut sources = Sources::start(&prepared, &settings.sources, true).map_err(Failure::other)?;
     tracing::info!(sources = settings.sources.len(), "running");
+    let liveness = Arc::new(Liveness::new(settings.sources.iter().map(|source| source.name.clone())));
+    let notifier = Notifier::from_env();
+    if let Err(err) = notifier.ready_with_status(&format!("starting {} source(s)", settings.sources.len())) {
+        tracing::warn!(error = %err, "sd_notify READY failed");
+    }
+    let watchdog_stop = Arc::new(AtomicBool::new(false));
+    let watchdog = spawn_watchdog(notifier.clone(), liveness.clone(), queue.clone(), capacity, watchdog_stop.clone());
     sources.run(&stop, |stage, output| match output {
-        StageOutput::Window(window) => queue.push(window),
+        StageOutput::Window(window) => {
+            liveness.window(&window.source);
+            queue.push(window)
+        }
         StageOutput::Status { source_idx, status, detail } => {
             let source = stage.source_name(source_idx).to_string();
             tracing::info!(source, status = status.as_str(), detail, "source status");
+            liveness.status(&source, status);
             let _ = notices_tx.send(Notice::Status { source, status });
         }
         StageOutput::Finished { source_idx } => {
@@ -106,6 +120,11 @@ pub fn run(config: &Path) -> Result<(), Failure> {
         }
     });
     tracing::info!(signal = stop.load(Ordering::SeqCst), "stopping");
+    let _ = notifier.stopping();
+    watchdog_stop.store(true, Ordering::SeqCst);
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.join();
+    }
     sources.stop();
     // The worker finishes the windows in flight, then the events thread drains its results.
     drop(queue);
@@ -114,6 +133,95 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let _ = events_thread.join();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the watchdog needs to judge health: when each source last gave a window, its status.
+struct Liveness {
+    sources: Mutex<BTreeMap<String, (Option<Instant>, SourceStatus)>>,
+}
+
+impl Liveness {
+    fn new(names: impl Iterator<Item = String>) -> Liveness {
+        Liveness { sources: Mutex::new(names.map(|name| (name, (None, SourceStatus::Offline))).collect()) }
+    }
+
+    fn window(&self, source: &str) {
+        if let Some(entry) = self.sources.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_mut(source) {
+            entry.0 = Some(Instant::now());
+        }
+    }
+
+    fn status(&self, source: &str, status: SourceStatus) {
+        if let Some(entry) = self.sources.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_mut(source) {
+            entry.1 = status;
+        }
+    }
+}
+
+/// Pings systemd's watchdog only while the daemon is healthy (windows flowing from at least
+/// one source, inference keeping up) and keeps `STATUS=` current. Nothing to do without
+/// `WatchdogSec` / `NOTIFY_SOCKET`.
+fn spawn_watchdog(
+    notifier: Notifier,
+    liveness: Arc<Liveness>,
+    queue: WindowQueue,
+    capacity: usize,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    if !notifier.is_enabled() {
+        return None;
+    }
+    let period = notifier.watchdog_ping_period().unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(5));
+    let pings = notifier.watchdog_ping_period().is_some();
+    std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            let ready_since = Instant::now();
+            let mut health = Health::new(HealthSettings::default());
+            let mut last_verdict_healthy = true;
+            while !stop.load(Ordering::SeqCst) {
+                let snapshot = liveness.sources.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+                let activity: Vec<SourceActivity<'_>> = snapshot
+                    .iter()
+                    .map(|(source, (last_window, _))| SourceActivity { source, last_window: *last_window })
+                    .collect();
+                let input = HealthInput {
+                    now: Instant::now(),
+                    ready_since,
+                    sources: &activity,
+                    queue_depth: queue.depth(),
+                    queue_capacity: capacity,
+                    last_inference: crate::telemetry::last_inference(),
+                    stages: &[],
+                };
+                let verdict = health.check(&input);
+                let states: Vec<String> =
+                    snapshot.iter().map(|(source, (_, status))| format!("{source} {}", status.as_str())).collect();
+                match &verdict {
+                    Verdict::Healthy => {
+                        if pings {
+                            let _ = notifier.watchdog();
+                        }
+                        let _ = notifier.status(&format!("healthy; {}", states.join(", ")));
+                        if !last_verdict_healthy {
+                            tracing::info!("healthy again; watchdog pings resume");
+                        }
+                    }
+                    Verdict::Unhealthy(problem) => {
+                        let _ = notifier.status(&format!("unhealthy: {problem}; {}", states.join(", ")));
+                        if last_verdict_healthy {
+                            tracing::warn!(problem = %problem, "unhealthy; watchdog pings stop");
+                        }
+                    }
+                }
+                last_verdict_healthy = verdict.is_healthy();
+                let until = Instant::now() + period;
+                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+        .ok()
 }
 
 /// Owns the event engine and the publisher until both input channels close.
