@@ -96,7 +96,7 @@ pub fn run(config: &Path) -> Result<(), Failure> {
         tracing::warn!(error = %err, "sd_notify READY failed");
     }
     let watchdog_stop = Arc::new(AtomicBool::new(false));
-    let watchdog = spawn_watchdog(notifier.clone(), liveness.clone(), queue.clone(), capacity, watchdog_stop.clone());
+    let watchdog = spawn_watchdog(notifier, liveness.clone(), queue.clone(), capacity, watchdog_stop.clone());
     sources.run(&stop, |stage, output| match output {
         StageOutput::Window(window) => {
             liveness.window(&window.source);
