@@ -143,3 +143,53 @@ pub fn spawn(
     })?;
     Ok((queue, thread))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::WindowStats;
+
+    fn window(index: u64) -> Window {
+        Window {
+            source: Arc::from("s"),
+            index,
+            start: RunningTime::ZERO,
+            end: RunningTime::ZERO,
+            start_utc: OffsetDateTime::UNIX_EPOCH,
+            end_utc: OffsetDateTime::UNIX_EPOCH,
+            frames: Vec::new(),
+            audio: Vec::new(),
+            first_sample: 0,
+            stats: WindowStats::default(),
+            degraded: None,
+        }
+    }
+
+    /// Pushes windows 0..pushed into a queue of `capacity` nobody drains; returns what waits.
+    fn check(capacity: usize, pushed: u64, expected: &[u64]) {
+        let (sender, receiver) = bounded(capacity);
+        let queue = WindowQueue { sender, oldest: receiver.clone(), lossless: false };
+        for index in 0..pushed {
+            queue.push(window(index));
+        }
+        assert_eq!(queue.depth(), expected.len());
+        let waiting: Vec<u64> = receiver.try_iter().map(|window| window.index).collect();
+        assert_eq!(waiting, expected);
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_windows() {
+        check(3, 2, &[0, 1]);
+        check(3, 3, &[0, 1, 2]);
+        check(3, 7, &[4, 5, 6]);
+        check(1, 5, &[4]);
+    }
+
+    #[test]
+    fn dropped_windows_are_counted() {
+        let before = crate::telemetry::snapshot().get("s").map_or(0, |counters| counters.windows_dropped);
+        check(2, 6, &[4, 5]);
+        let after = crate::telemetry::snapshot().get("s").map_or(0, |counters| counters.windows_dropped);
+        assert!(after >= before + 4, "{before} -> {after}");
+    }
+}

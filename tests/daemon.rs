@@ -300,3 +300,52 @@ fn notify_socket_sees_ready_status_watchdog_and_stopping() {
         "{received:?}"
     );
 }
+
+/// `record` writes N windows of model inputs in the dataset format training reads.
+#[test]
+fn record_writes_the_dataset_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("record.toml");
+    let model = repo().join("models/testdata/mbt-tiny.onnx");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = \"{}\"\n\n[[source]]\nname = \"scene\"\nkind = \"test\"\nis_live = false\npattern = \"ball\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("dataset");
+    for _ in 0..2 {
+        let output = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+            .args(["record", "--source", "scene", "--label", "ball", "--windows", "3", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let info = mbt_edge::model::ModelInfo::read(&model).unwrap();
+    let features: Value = serde_json::from_str(&std::fs::read_to_string(out.join("features.json")).unwrap()).unwrap();
+    assert_eq!(features["audio"]["n_frames"], info.metadata.audio.as_ref().unwrap().n_frames);
+    let manifest = std::fs::read_to_string(out.join("manifest.jsonl")).unwrap();
+    let lines: Vec<Value> = manifest.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 6, "two runs of three windows append");
+    let stems: std::collections::BTreeSet<&str> = lines.iter().map(|line| line["file"].as_str().unwrap()).collect();
+    assert_eq!(stems.len(), 6, "every window has its own files");
+    let video = info.metadata.video.as_ref().unwrap();
+    let audio = info.metadata.audio.as_ref().unwrap();
+    for line in &lines {
+        assert_eq!(line["label"], "ball");
+        assert_eq!(line["source"], "scene");
+        let stem = out.join(line["file"].as_str().unwrap());
+        let (video_shape, _) =
+            mbt_edge::npy::read_npy(&PathBuf::from(format!("{}.video.npy", stem.display()))).unwrap();
+        assert_eq!(video_shape, [video.frames, 3, video.height as usize, video.width as usize]);
+        let (audio_shape, values) =
+            mbt_edge::npy::read_npy(&PathBuf::from(format!("{}.audio.npy", stem.display()))).unwrap();
+        assert_eq!(audio_shape, [audio.n_frames, audio.n_mels]);
+        assert!(values.iter().all(|value| value.is_finite()));
+    }
+}
