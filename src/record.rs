@@ -92,10 +92,7 @@ impl DatasetWriter {
             source: &window.source,
             window_start: start,
             window_index: window.index,
-            degraded: window.degraded.map(|degraded| match degraded {
-                crate::window::Degraded::AudioLost => "audio_lost",
-                crate::window::Degraded::VideoLost => "video_lost",
-            }),
+            degraded: window.degraded.map(crate::window::Degraded::as_str),
         };
         serde_json::to_writer(&mut self.manifest, &line)?;
         self.manifest.write_all(b"\n")?;

@@ -127,15 +127,7 @@ fn line<'a>(scored: &'a ScoredWindow, labels: &'a [String], top: usize) -> Line<
         offset_end: scored.end.as_duration().as_secs_f64(),
         start: scored.start_utc.format(&Rfc3339).unwrap_or_default(),
         end: scored.end_utc.format(&Rfc3339).unwrap_or_default(),
-        degraded: scored.degraded.map(degraded_name),
+        degraded: scored.degraded.map(crate::window::Degraded::as_str),
         top,
-    }
-}
-
-/// The contract's names for a lost sense.
-pub fn degraded_name(degraded: crate::window::Degraded) -> &'static str {
-    match degraded {
-        crate::window::Degraded::AudioLost => "audio_lost",
-        crate::window::Degraded::VideoLost => "video_lost",
     }
 }

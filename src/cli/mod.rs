@@ -7,6 +7,6 @@ mod record;
 mod run;
 
 pub use bench::bench;
-pub use classify::{classify, degraded_name};
+pub use classify::classify;
 pub use record::record;
 pub use run::{check_config, run};

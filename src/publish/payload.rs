@@ -261,10 +261,7 @@ pub fn discovery_messages(topics: &Topics, device: &str, info: &PublisherInfo) -
 
 /// The contract's spelling of a lost modality.
 pub fn degraded_str(degraded: Degraded) -> &'static str {
-    match degraded {
-        Degraded::AudioLost => "audio_lost",
-        Degraded::VideoLost => "video_lost",
-    }
+    degraded.as_str()
 }
 
 /// RFC 3339 in UTC, e.g. `2026-11-28T12:00:08Z`.

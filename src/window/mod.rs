@@ -60,6 +60,16 @@ pub enum Degraded {
     VideoLost,
 }
 
+impl Degraded {
+    /// The contract's name (the `degraded` field of events): `audio_lost` or `video_lost`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Degraded::AudioLost => "audio_lost",
+            Degraded::VideoLost => "video_lost",
+        }
+    }
+}
+
 /// One window of model input, before preprocessing.
 #[derive(Debug, Clone)]
 pub struct Window {
