@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
 use time::OffsetDateTime;
 
 use crate::capture::{self, CaptureFormat, CaptureOptions, SinkMode, SourceHandle};
-use crate::config::{ConfigError, FieldError, Settings, SourceSettings};
+use crate::config::{self, FieldError, Settings, SourceSettings};
 use crate::model::ModelInfo;
 use crate::stage::{StageOutput, WindowStage};
 use crate::window::WindowSettings;
@@ -55,75 +55,43 @@ pub struct Prepared {
 
 /// Loads config and model and checks that they fit together (exit 78 otherwise).
 pub fn prepare(config_path: &Path) -> Result<Prepared, Failure> {
-    let settings = Settings::load(config_path).map_err(Failure::config)?;
-    let model = ModelInfo::read(&settings.model.path).map_err(|err| {
-        let text = std::fs::read_to_string(config_path).unwrap_or_default();
-        let located = crate::config::place(
-            config_path,
-            &text,
-            FieldError::new("model.path", model_path_span(&text), err.to_string()),
-        );
-        Failure::config(located)
-    })?;
+    let text = config::read_text(config_path).map_err(Failure::config)?;
+    let settings = Settings::from_toml_str(config_path, &text).map_err(Failure::config)?;
+    // Errors found from here on are about a key of the file as written.
+    let located = |key: &str, message: String| {
+        Failure::config(config::place(config_path, &text, FieldError::new(key, config::span_of(&text, key), message)))
+    };
+    let model = ModelInfo::read(&settings.model.path).map_err(|err| located("model.path", err.to_string()))?;
     if let Err(err) = settings.events_raw.check_labels(&model.metadata.labels) {
-        let text = std::fs::read_to_string(config_path).unwrap_or_default();
-        return Err(Failure::config(crate::config::place(config_path, &text, err)));
+        return Err(Failure::config(config::place(config_path, &text, err)));
     }
     let model_length = model.metadata.window_length();
     let window_length = match settings.window.seconds {
         Some(seconds) if seconds.abs_diff(model_length) > Duration::from_micros(1) => {
-            return Err(Failure::config(config_error(
-                config_path,
+            return Err(located(
                 "window.seconds",
                 format!(
                     "{seconds:?} differs from the model's window of {model_length:?}; remove the key or set it to the model's"
                 ),
-            )));
+            ));
         }
         _ => model_length,
     };
     for (idx, source) in settings.sources.iter().enumerate() {
         if source.video && model.metadata.video.is_none() && !source.audio {
-            return Err(Failure::config(config_error(
-                config_path,
+            return Err(located(
                 &format!("source[{idx}].video"),
                 format!("source {:?} gives only video but model {} takes only audio", source.name, model.name()),
-            )));
+            ));
         }
         if source.audio && model.metadata.audio.is_none() && !source.video {
-            return Err(Failure::config(config_error(
-                config_path,
+            return Err(located(
                 &format!("source[{idx}].audio"),
                 format!("source {:?} gives only audio but model {} takes only video", source.name, model.name()),
-            )));
+            ));
         }
     }
     Ok(Prepared { settings, model, window_length })
-}
-
-fn config_error(path: &Path, key: &str, message: String) -> ConfigError {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let span = find_key_span(&text, key);
-    crate::config::place(path, &text, FieldError::new(key, span, message))
-}
-
-/// Best effort: the span of the last segment of `key` in the file, for line numbers.
-fn find_key_span(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
-    let last = key.rsplit('.').next()?;
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        if trimmed.starts_with(last) && trimmed[last.len()..].trim_start().starts_with('=') {
-            let start = offset + (line.len() - trimmed.len());
-            return Some(start..start + last.len());
-        }
-        offset += line.len();
-    }
-    None
-}
-
-fn model_path_span(text: &str) -> Option<std::ops::Range<usize>> {
-    find_key_span(text, "model.path")
 }
 
 impl Prepared {

@@ -284,9 +284,8 @@ impl Supervisor {
             },
             Err(err) => return Outcome::Failed(format!("cannot build the pipeline: {err}")),
         };
-        let video_enabled = self.options.format.video.is_some() && self.source.video;
-        let audio_enabled = self.options.format.audio.is_some() && self.source.audio;
-        let (video, audio) = (video_enabled, audio_enabled);
+        let video = self.options.format.video.is_some() && self.source.video;
+        let audio = self.options.format.audio.is_some() && self.source.audio;
         let shared = Arc::new(Shared {
             source_idx: self.source_idx,
             source_name: self.source.name.clone(),
@@ -296,8 +295,8 @@ impl Supervisor {
             epoch: Instant::now(),
             last_video_ms: AtomicU64::new(0),
             last_audio_ms: AtomicU64::new(0),
-            video_position_ns: AtomicU64::new(if video_enabled { 0 } else { u64::MAX }),
-            audio_position_ns: AtomicU64::new(if audio_enabled { 0 } else { u64::MAX }),
+            video_position_ns: AtomicU64::new(if video { 0 } else { u64::MAX }),
+            audio_position_ns: AtomicU64::new(if audio { 0 } else { u64::MAX }),
             stopping: Arc::new(AtomicBool::new(false)),
             started: OnceLock::new(),
             pipeline: pipeline.downgrade(),

@@ -196,13 +196,7 @@ pub struct TestSource {
 impl Settings {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
-            file: path.to_path_buf(),
-            line_column: None,
-            key: String::new(),
-            message: format!("cannot read the file: {err}"),
-        })?;
-        Self::from_toml_str(path, &text)
+        Self::from_toml_str(path, &read_text(path)?)
     }
 
     /// Parses and validates the text of a configuration file named `path`.
@@ -214,6 +208,16 @@ impl Settings {
     pub fn source(&self, name: &str) -> Option<&SourceSettings> {
         self.sources.iter().find(|source| source.name == name)
     }
+}
+
+/// Reads the configuration file's text.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|err| ConfigError {
+        file: path.to_path_buf(),
+        line_column: None,
+        key: String::new(),
+        message: format!("cannot read the file: {err}"),
+    })
 }
 
 /// Turns a validation error into a positioned one.
@@ -248,47 +252,65 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The dotted key path of the innermost key or value whose span contains `offset`.
-///
-/// Table spans cover only their `[header]`, so every entry is visited and the smallest
-/// enclosing span wins.
-pub fn key_at(text: &str, offset: usize) -> String {
+/// Every key of the file with its dotted path (`source[1].kind`), the span of the key and
+/// the span of its value; array items are entries too (`source[1]`, spanning their header).
+/// Empty when the text is not TOML.
+fn spanned_entries(text: &str) -> Vec<(String, Range<usize>, Range<usize>)> {
     use toml::de::{DeTable, DeValue};
-    type Hit = (usize, String);
-    fn contains(span: &Range<usize>, offset: usize) -> bool {
-        span.start <= offset && offset < span.end.max(span.start + 1)
-    }
-    fn consider(best: &mut Option<Hit>, span: Range<usize>, offset: usize, path: &str) {
-        if contains(&span, offset) && best.as_ref().is_none_or(|(len, _)| span.len() < *len) {
-            *best = Some((span.len(), path.to_string()));
-        }
-    }
-    fn walk_table(table: &DeTable<'_>, offset: usize, prefix: &str, best: &mut Option<Hit>) {
+    type Entries = Vec<(String, Range<usize>, Range<usize>)>;
+    fn walk_table(table: &DeTable<'_>, prefix: &str, out: &mut Entries) {
         for (key, value) in table.iter() {
             let path =
                 if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
-            consider(best, key.span(), offset, &path);
-            consider(best, value.span(), offset, &path);
-            walk_value(value.get_ref(), offset, &path, best);
+            out.push((path.clone(), key.span(), value.span()));
+            walk_value(value.get_ref(), &path, out);
         }
     }
-    fn walk_value(value: &DeValue<'_>, offset: usize, path: &str, best: &mut Option<Hit>) {
+    fn walk_value(value: &DeValue<'_>, path: &str, out: &mut Entries) {
         match value {
-            DeValue::Table(table) => walk_table(table, offset, path, best),
+            DeValue::Table(table) => walk_table(table, path, out),
             DeValue::Array(array) => {
                 for (idx, item) in array.iter().enumerate() {
                     let item_path = format!("{path}[{idx}]");
-                    consider(best, item.span(), offset, &item_path);
-                    walk_value(item.get_ref(), offset, &item_path, best);
+                    out.push((item_path.clone(), item.span(), item.span()));
+                    walk_value(item.get_ref(), &item_path, out);
                 }
             }
             _ => {}
         }
     }
-    let Ok(root) = DeTable::parse(text) else { return String::new() };
-    let mut best = None;
-    walk_table(root.get_ref(), offset, "", &mut best);
-    best.map(|(_, path)| path).unwrap_or_default()
+    let Ok(root) = DeTable::parse(text) else { return Vec::new() };
+    let mut entries = Vec::new();
+    walk_table(root.get_ref(), "", &mut entries);
+    entries
+}
+
+/// The dotted key path of the innermost key or value whose span contains `offset`.
+///
+/// Table spans cover only their `[header]`, so every entry is visited and the smallest
+/// enclosing span wins.
+pub fn key_at(text: &str, offset: usize) -> String {
+    let contains = |span: &Range<usize>| span.start <= offset && offset < span.end.max(span.start + 1);
+    spanned_entries(text)
+        .into_iter()
+        .flat_map(|(path, key, value)| [(key, path.clone()), (value, path)])
+        .filter(|(span, _)| contains(span))
+        .min_by_key(|(span, _)| span.len())
+        .map(|(_, path)| path)
+        .unwrap_or_default()
+}
+
+/// The span of dotted `key` in the file, for errors found after parsing. A key the file
+/// does not spell out (a default) gets the span of its nearest written parent.
+pub fn span_of(text: &str, key: &str) -> Option<Range<usize>> {
+    let entries = spanned_entries(text);
+    let mut wanted = key;
+    loop {
+        if let Some((_, key_span, _)) = entries.iter().find(|(path, _, _)| path == wanted) {
+            return Some(key_span.clone());
+        }
+        wanted = &wanted[..wanted.rfind(['.', '['])?];
+    }
 }
 
 /// Parses a duration: a number of seconds (`1.5`) or a string with a unit (`"500ms"`, `"2s"`,

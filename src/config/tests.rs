@@ -197,3 +197,15 @@ fn line_column_counts_characters() {
     assert_eq!(line_column("ab\ncd", 4), (2, 2));
     assert_eq!(line_column("ab", 0), (1, 1));
 }
+
+#[test]
+fn span_of_finds_written_keys_and_falls_back_to_the_parent() {
+    let text = "[model]\npath = \"m.onnx\"\n\n[[source]]\nname = \"a\"\n\n[[source]]\nname = \"b\"\nvideo = true\n";
+    let line = |key: &str| span_of(text, key).map(|span| line_column(text, span.start).0);
+    assert_eq!(line("model.path"), Some(2));
+    assert_eq!(line("source[1].video"), Some(9));
+    // Not written: the source's own header line.
+    assert_eq!(line("source[0].video"), Some(4));
+    assert_eq!(line("window.seconds"), None);
+    assert_eq!(key_at(text, text.find("video").unwrap()), "source[1].video");
+}
