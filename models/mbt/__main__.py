@@ -1,4 +1,4 @@
-"""`python -m mbt COMMAND ...`: flops | export | convert-scenic | train.
+"""`python -m mbt COMMAND ...`: flops | export | convert-scenic | train | logmel | compare.
 
 Each command imports its own dependencies, so `flops` runs without torch.
 """
@@ -13,6 +13,7 @@ COMMANDS = {
     "convert-scenic": ("mbt.convert_scenic", "convert an official scenic MBT checkpoint to ONNX"),
     "train": ("mbt.train", "train on windows written by `mbt-edge record`"),
     "logmel": ("mbt.logmel", "log-mel reference: IN.npy OUT.npy"),
+    "compare": ("mbt.compare", "time one model in tract (mbt-edge bench), onnxruntime and PyTorch; parity"),
 }
 
 
