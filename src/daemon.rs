@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use time::OffsetDateTime;
 
 use crate::capture::{self, CaptureFormat, CaptureOptions, SinkMode, SourceHandle};
@@ -121,10 +121,30 @@ impl Prepared {
 
 /// Sources started for one command, with the window stage running on the caller's thread.
 pub struct Sources {
-    pub handles: Vec<SourceHandle>,
+    /// One per source ever started, indexed by `source_idx`; a removed source keeps its slot
+    /// (without a handle) so indexes stay stable.
+    slots: Vec<Slot>,
+    sender: Sender<capture::CaptureEvent>,
     events: Receiver<capture::CaptureEvent>,
     stage: WindowStage,
-    remaining: usize,
+    realtime: bool,
+}
+
+struct Slot {
+    settings: SourceSettings,
+    window: WindowSettings,
+    handle: Option<SourceHandle>,
+    /// Finished (a file played to its end) or failed for good.
+    done: bool,
+}
+
+/// What [`Sources::reconfigure`] did, by source name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceChanges {
+    pub unchanged: Vec<String>,
+    pub restarted: Vec<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 impl Sources {
@@ -132,34 +152,29 @@ impl Sources {
     /// run as fast as possible and nothing is dropped (classify, record).
     pub fn start(prepared: &Prepared, sources: &[SourceSettings], realtime: bool) -> anyhow::Result<Sources> {
         let (sender, events) = bounded(1024);
-        let mut handles = Vec::new();
-        let mut stage_sources = Vec::new();
-        for (idx, source) in sources.iter().enumerate() {
-            let live = source.kind.is_live();
-            let options = CaptureOptions {
-                format: prepared.capture_format(source),
-                mode: SinkMode { sync: realtime && !live },
-                lossless: !live,
-            };
-            stage_sources.push((source.name.clone(), prepared.window_settings(source), live));
-            handles.push(capture::spawn(idx, source.clone(), options, sender.clone())?);
+        let mut started = Sources { slots: Vec::new(), sender, events, stage: WindowStage::new(Vec::new()), realtime };
+        for source in sources {
+            started.add(prepared, source)?;
         }
-        Ok(Sources { handles, events, stage: WindowStage::new(stage_sources), remaining: sources.len() })
+        Ok(started)
+    }
+
+    /// Sources still running (not finished, failed for good or removed).
+    pub fn remaining(&self) -> usize {
+        self.slots.iter().filter(|slot| slot.handle.is_some() && !slot.done).count()
     }
 
     /// Runs the window stage until every source has finished or `stop` is set; each output
     /// goes to `sink`.
-    pub fn run(&mut self, stop: &AtomicBool, mut sink: impl FnMut(&WindowStage, StageOutput)) {
-        while self.remaining > 0 && !stop.load(Ordering::SeqCst) {
+    pub fn run(&mut self, stop: &AtomicBool, sink: impl FnMut(&WindowStage, StageOutput)) {
+        self.run_until(|| stop.load(Ordering::SeqCst), sink);
+    }
+
+    /// Like [`Sources::run`], returning as soon as `interrupt()` is true.
+    pub fn run_until(&mut self, interrupt: impl Fn() -> bool, mut sink: impl FnMut(&WindowStage, StageOutput)) {
+        while self.remaining() > 0 && !interrupt() {
             match self.events.recv_timeout(Duration::from_millis(100)) {
-                Ok(event) => {
-                    for output in self.stage.handle(event) {
-                        if matches!(output, StageOutput::Finished { .. } | StageOutput::Failed { .. }) {
-                            self.remaining -= 1;
-                        }
-                        sink(&self.stage, output);
-                    }
-                }
+                Ok(event) => self.dispatch(event, &mut sink),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -169,14 +184,111 @@ impl Sources {
         }
     }
 
+    /// Applies a new list of sources: a source whose settings (or window settings) are
+    /// unchanged keeps running untouched; a changed one is stopped and started again alone;
+    /// new ones start; missing ones stop. Outputs produced meanwhile go to `sink`.
+    pub fn reconfigure(
+        &mut self,
+        prepared: &Prepared,
+        sources: &[SourceSettings],
+        mut sink: impl FnMut(&WindowStage, StageOutput),
+    ) -> anyhow::Result<SourceChanges> {
+        let mut changes = SourceChanges::default();
+        let mut restart = Vec::new();
+        for idx in 0..self.slots.len() {
+            if self.slots[idx].handle.is_none() {
+                continue;
+            }
+            let name = self.slots[idx].settings.name.clone();
+            match sources.iter().find(|source| source.name == name) {
+                Some(source)
+                    if *source == self.slots[idx].settings
+                        && prepared.window_settings(source) == self.slots[idx].window =>
+                {
+                    changes.unchanged.push(name);
+                }
+                Some(source) => {
+                    self.stop_slot(idx, &mut sink);
+                    restart.push((idx, source.clone()));
+                    changes.restarted.push(name);
+                }
+                None => {
+                    self.stop_slot(idx, &mut sink);
+                    changes.removed.push(name);
+                }
+            }
+        }
+        for (idx, source) in restart {
+            let window = prepared.window_settings(&source);
+            self.stage.set_source(idx, &source.name, window.clone(), source.kind.is_live());
+            let handle = self.spawn(idx, prepared, &source)?;
+            self.slots[idx] = Slot { settings: source, window, handle: Some(handle), done: false };
+        }
+        for source in sources {
+            let running = self.slots.iter().any(|slot| slot.handle.is_some() && slot.settings.name == source.name);
+            if !running {
+                self.add(prepared, source)?;
+                changes.added.push(source.name.clone());
+            }
+        }
+        Ok(changes)
+    }
+
     /// Stops every source and waits for its thread.
     pub fn stop(self) {
-        for handle in &self.handles {
+        for handle in self.slots.iter().filter_map(|slot| slot.handle.as_ref()) {
             handle.stop();
         }
         drop(self.events);
-        for handle in self.handles {
+        for handle in self.slots.into_iter().filter_map(|slot| slot.handle) {
             handle.join();
+        }
+    }
+
+    fn add(&mut self, prepared: &Prepared, source: &SourceSettings) -> anyhow::Result<()> {
+        let idx = self.slots.len();
+        let window = prepared.window_settings(source);
+        self.stage.set_source(idx, &source.name, window.clone(), source.kind.is_live());
+        let handle = self.spawn(idx, prepared, source)?;
+        self.slots.push(Slot { settings: source.clone(), window, handle: Some(handle), done: false });
+        Ok(())
+    }
+
+    fn spawn(&self, idx: usize, prepared: &Prepared, source: &SourceSettings) -> anyhow::Result<SourceHandle> {
+        let live = source.kind.is_live();
+        let options = CaptureOptions {
+            format: prepared.capture_format(source),
+            mode: SinkMode { sync: self.realtime && !live },
+            lossless: !live,
+        };
+        capture::spawn(idx, source.clone(), options, self.sender.clone())
+    }
+
+    /// Stops one source and waits for its thread, passing on what the others (and its last
+    /// events) produce meanwhile, so a capture thread blocked on a full channel can finish.
+    /// Every event of the stopped incarnation is handled before this returns.
+    fn stop_slot(&mut self, idx: usize, sink: &mut impl FnMut(&WindowStage, StageOutput)) {
+        let Some(handle) = self.slots[idx].handle.take() else { return };
+        handle.stop();
+        while !handle.is_finished() {
+            if let Ok(event) = self.events.recv_timeout(Duration::from_millis(20)) {
+                self.dispatch(event, sink);
+            }
+        }
+        handle.join();
+        while let Ok(event) = self.events.try_recv() {
+            self.dispatch(event, sink);
+        }
+    }
+
+    fn dispatch(&mut self, event: capture::CaptureEvent, sink: &mut impl FnMut(&WindowStage, StageOutput)) {
+        for output in self.stage.handle(event) {
+            if let StageOutput::Finished { source_idx } | StageOutput::Failed { source_idx, .. } = &output
+                && let Some(slot) = self.slots.get_mut(*source_idx)
+            {
+                slot.done = true;
+            }
+            sink(&self.stage, output);
         }
     }
 }

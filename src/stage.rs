@@ -58,6 +58,22 @@ impl WindowStage {
         stage
     }
 
+    /// Sets source `source_idx` (appended when it is the next index) and forgets any window
+    /// it was building: for a source (re)started with new settings.
+    pub fn set_source(&mut self, source_idx: usize, name: &str, settings: WindowSettings, live: bool) {
+        if source_idx == self.names.len() {
+            self.names.push(Arc::from(name));
+            self.settings.push(settings);
+            self.live.push(live);
+            self.current.push(None);
+        } else if source_idx < self.names.len() {
+            self.names[source_idx] = Arc::from(name);
+            self.settings[source_idx] = settings;
+            self.live[source_idx] = live;
+            self.current[source_idx] = None;
+        }
+    }
+
     pub fn handle(&mut self, event: CaptureEvent) -> Vec<StageOutput> {
         let mut out = Vec::new();
         match event {
@@ -68,11 +84,17 @@ impl WindowStage {
                 }
             }
             CaptureEvent::Frame { source_idx, generation, frame, arrival } => {
+                if let Some(name) = self.names.get(source_idx) {
+                    telemetry::video_arrived(name, 1);
+                }
                 if let Some(builder) = self.builder(source_idx, generation) {
                     out.extend(builder.push_frame(Arc::new(frame), arrival).into_iter().map(built));
                 }
             }
             CaptureEvent::Audio { source_idx, generation, chunk, arrival } => {
+                if let Some(name) = self.names.get(source_idx) {
+                    telemetry::audio_arrived(name, chunk.samples.len() as u64);
+                }
                 if let Some(builder) = self.builder(source_idx, generation) {
                     out.extend(builder.push_audio(&chunk, arrival).into_iter().map(built));
                 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::capture::Modality;
 
@@ -22,6 +22,53 @@ pub struct SourceCounters {
     pub audio_gap_samples: u64,
     /// Last measured A/V skew (audio minus video arrival delay) in seconds.
     pub last_av_skew_seconds: Option<f64>,
+    /// Video frames and audio samples that reached the window stage.
+    pub video_frames: u64,
+    pub audio_samples: u64,
+    /// Arrival rates over the last complete [`RATE_PERIOD`] (or the current one, once it has
+    /// run twice as long: a stalled stream decays towards 0).
+    pub video_fps: f64,
+    pub audio_rate_hz: f64,
+    rate_window: Option<RateWindow>,
+}
+
+/// The period over which arrival rates are measured.
+pub const RATE_PERIOD: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RateWindow {
+    since: Instant,
+    video_frames: u64,
+    audio_samples: u64,
+}
+
+impl SourceCounters {
+    /// Counts arrivals and closes the rate period when it is over.
+    fn arrived(&mut self, now: Instant, video_frames: u64, audio_samples: u64) {
+        self.video_frames += video_frames;
+        self.audio_samples += audio_samples;
+        let window = self.rate_window.get_or_insert(RateWindow { since: now, video_frames: 0, audio_samples: 0 });
+        window.video_frames += video_frames;
+        window.audio_samples += audio_samples;
+        let elapsed = now.saturating_duration_since(window.since);
+        if elapsed >= RATE_PERIOD {
+            self.video_fps = window.video_frames as f64 / elapsed.as_secs_f64();
+            self.audio_rate_hz = window.audio_samples as f64 / elapsed.as_secs_f64();
+            self.rate_window = Some(RateWindow { since: now, video_frames: 0, audio_samples: 0 });
+        }
+    }
+
+    /// The rates as of `now`: a period left open for more than twice its length (nothing
+    /// arrived to close it) counts as the current rate.
+    pub fn rates_at(&self, now: Instant) -> (f64, f64) {
+        match self.rate_window {
+            Some(window) if now.saturating_duration_since(window.since) >= 2 * RATE_PERIOD => {
+                let seconds = now.saturating_duration_since(window.since).as_secs_f64();
+                (window.video_frames as f64 / seconds, window.audio_samples as f64 / seconds)
+            }
+            _ => (self.video_fps, self.audio_rate_hz),
+        }
+    }
 }
 
 /// Inference totals.
@@ -78,7 +125,10 @@ static SOURCES: Mutex<BTreeMap<String, SourceCounters>> = Mutex::new(BTreeMap::n
 
 fn with_source(source: &str, update: impl FnOnce(&mut SourceCounters)) {
     let mut sources = SOURCES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    update(sources.entry(source.to_string()).or_default());
+    match sources.get_mut(source) {
+        Some(counters) => update(counters),
+        None => update(sources.entry(source.to_string()).or_default()),
+    }
 }
 
 /// A copy of every source's counters.
@@ -128,4 +178,59 @@ pub fn window_built(
 pub fn window_dropped(source: &str, reason: &str) {
     tracing::warn!(source, reason, "window dropped");
     with_source(source, |counters| counters.windows_dropped += 1);
+}
+
+/// Video frames reached the window stage.
+pub fn video_arrived(source: &str, frames: u64) {
+    with_source(source, |counters| counters.arrived(Instant::now(), frames, 0));
+}
+
+/// Audio samples reached the window stage.
+pub fn audio_arrived(source: &str, samples: u64) {
+    with_source(source, |counters| counters.arrived(Instant::now(), 0, samples));
+}
+
+static EVENTS: Mutex<BTreeMap<(String, String), u64>> = Mutex::new(BTreeMap::new());
+
+/// An event started (its `start` message was spooled).
+pub fn event_started(source: &str, label: &str) {
+    *EVENTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .entry((source.to_string(), label.to_string()))
+        .or_default() += 1;
+}
+
+/// Events started, per (source, label).
+pub fn events_started() -> BTreeMap<(String, String), u64> {
+    EVENTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_measured_per_period_and_decay_when_a_stream_stops() {
+        let start = Instant::now();
+        let mut counters = SourceCounters::default();
+        // 15 frames and 16000 samples (1600 every 0.1 s) per second, in arrival order, for 2 s.
+        let mut arrivals: Vec<(Duration, u64, u64)> = (0..=30u32)
+            .map(|tick| (Duration::from_secs_f64(f64::from(tick) / 15.0), 1, 0))
+            .chain((0..=20u64).map(|tick| (Duration::from_millis(100 * tick), 0, 1600)))
+            .collect();
+        arrivals.sort_by_key(|arrival| arrival.0);
+        for (at, frames, samples) in arrivals {
+            counters.arrived(start + at, frames, samples);
+        }
+        let (fps, rate) = counters.rates_at(start + Duration::from_secs(2));
+        // The period closes at the first arrival 2 s in: 31 frames, 20 audio chunks.
+        assert!((fps - 15.5).abs() < 1e-9, "fps {fps}");
+        assert!((rate - 16_000.0).abs() < 1e-6, "audio rate {rate}");
+        assert_eq!(counters.video_frames, 31);
+        assert_eq!(counters.audio_samples, 33_600);
+        // Nothing more arrives: after twice the period the open period's (near-zero) rate shows.
+        let (fps, rate) = counters.rates_at(start + Duration::from_secs(10));
+        assert!(fps < 1.0 && rate < 1000.0, "stalled rates {fps} {rate}");
+    }
 }

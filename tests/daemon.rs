@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Broker, Subscriber, signal};
+use common::{Broker, Subscriber, free_port, http_get, metric, signal};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -348,4 +348,226 @@ fn record_writes_the_dataset_format() {
         assert_eq!(audio_shape, [audio.n_frames, audio.n_mels]);
         assert!(values.iter().all(|value| value.is_finite()));
     }
+}
+
+/// Scrapes `/metrics` until `ready(body)` holds; panics with the last body after `timeout`.
+fn scrape_until(port: u16, timeout: Duration, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok((200, body)) = http_get(port, "/metrics") {
+            if ready(&body) {
+                return body;
+            }
+            last = body;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out waiting for {what}; last /metrics:\n{last}");
+}
+
+/// The metrics endpoint serves Prometheus text whose counters move, and `/health` says ok.
+#[test]
+fn metrics_endpoint_counters_move_and_health_is_ok() {
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), broker.port, &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let mut daemon = start_daemon(&config);
+    let log = || std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    let built = |body: &str| metric(body, "mbt_edge_windows_built_total", r#"source="yard""#).unwrap_or(0.0);
+    let first = scrape_until(port, Duration::from_secs(30), "two windows", |body| built(body) >= 2.0);
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, second) = http_get(port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let (health_status, health) = http_get(port, "/health").unwrap();
+    signal(&daemon, "TERM");
+    assert_eq!(daemon.wait().unwrap().code(), Some(0), "{}", log());
+
+    // Windows every 0.5 s: at least 4 more in 3 s; as many inference batches.
+    assert!(built(&second) >= built(&first) + 4.0, "{first}\n---\n{second}");
+    let batches = |body: &str| metric(body, "mbt_edge_inference_latency_seconds_count", "").unwrap_or(0.0);
+    assert!(batches(&second) > batches(&first), "{second}");
+    let fps = metric(&second, "mbt_edge_source_video_fps", r#"source="yard""#).unwrap();
+    assert!((10.0..=20.0).contains(&fps), "the test source runs at 15 fps, measured {fps}");
+    let rate = metric(&second, "mbt_edge_source_audio_rate_hz", r#"source="yard""#).unwrap();
+    let model = mbt_edge::model::ModelInfo::read(&repo().join("models/testdata/mbt-tiny.onnx")).unwrap();
+    let expected_rate = f64::from(model.metadata.audio.as_ref().unwrap().sample_rate);
+    assert!((rate - expected_rate).abs() < expected_rate * 0.2, "audio rate {rate}, model's {expected_rate}");
+    assert_eq!(metric(&second, "mbt_edge_mqtt_connected", ""), Some(1.0), "{second}");
+    assert_eq!(metric(&second, "mbt_edge_source_restarts_total", r#"source="yard""#), Some(0.0));
+    // Threshold 0: events start at once; their count is by label.
+    let events: f64 = second
+        .lines()
+        .filter(|line| line.starts_with(r#"mbt_edge_events_total{source="yard",label=""#))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(events >= 1.0, "{second}");
+    assert_eq!((health_status, health.trim()), (200, "ok"));
+}
+
+fn reload_config(dir: &Path, broker: u16, metrics: u16, threshold: f32, gate_freq: f32) -> String {
+    format!(
+        r#"
+[device]
+id = "testbox"
+
+[model]
+path = "{model}"
+threads = 1
+
+[window]
+hop = 0.5
+
+[[source]]
+name = "yard"
+kind = "test"
+pattern = "ball"
+wave = "sine"
+fps = 15
+width = 160
+height = 120
+
+[[source]]
+name = "gate"
+kind = "test"
+pattern = "bar"
+wave = "sine"
+freq = {gate_freq}
+fps = 15
+width = 160
+height = 120
+
+[events]
+threshold = {threshold}
+off_threshold = 0.0
+min_windows = 1
+
+[mqtt]
+url = "mqtt://127.0.0.1:{broker}"
+
+[spool]
+dir = "{spool}"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+"#,
+        model = repo().join("models/testdata/mbt-tiny.onnx").display(),
+        spool = dir.join("spool").display(),
+    )
+}
+
+/// SIGHUP: a new threshold takes effect without restarting capture; a changed source restarts
+/// alone; a broken config is refused and the daemon goes on with the old one.
+#[test]
+fn sighup_reload_applies_thresholds_restarts_only_changed_sources_and_refuses_broken_configs() {
+    let broker = Broker::start("");
+    let subscriber = Subscriber::start(broker.port, "mbt-edge/#");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("config.toml");
+    // Threshold 1.0: no window of the tiny model's (softmax) scores reaches it.
+    std::fs::write(&config, reload_config(dir.path(), broker.port, port, 1.0, 440.0)).unwrap();
+    let mut daemon = start_daemon(&config);
+    let log = || std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    let built = |body: &str| metric(body, "mbt_edge_windows_built_total", r#"source="yard""#).unwrap_or(0.0);
+    scrape_until(port, Duration::from_secs(30), "windows from yard", |body| built(body) >= 4.0);
+    let events = |messages: &[(String, String)]| {
+        messages.iter().filter(|(topic, _)| topic.ends_with("/events")).cloned().collect::<Vec<_>>()
+    };
+    assert!(events(&subscriber.messages()).is_empty(), "{:?}", events(&subscriber.messages()));
+
+    std::fs::write(&config, reload_config(dir.path(), broker.port, port, 0.0, 660.0)).unwrap();
+    signal(&daemon, "HUP");
+    subscriber.wait_for("a start event from yard", Duration::from_secs(20), |messages| {
+        messages.iter().any(|(topic, payload)| topic == "mbt-edge/testbox/yard/events" && payload.contains("\"start\""))
+    });
+    let text = log();
+    assert!(text.contains(r#"unchanged ["yard"], restarted ["gate"], added [], removed []; events changed"#), "{text}");
+    // Capture of yard was never restarted: one `online` in its log and on its status topic.
+    let online_lines = |source: &str| {
+        log()
+            .lines()
+            .filter(|line| line.contains("source status") && line.contains(&format!("source=\"{source}\"")))
+            .filter(|line| line.contains("status=\"online\""))
+            .count()
+    };
+    assert_eq!(online_lines("yard"), 1, "{}", log());
+    assert_eq!(online_lines("gate"), 2, "{}", log());
+    let statuses = |source: &str| {
+        subscriber
+            .messages()
+            .iter()
+            .filter(|(topic, _)| *topic == format!("mbt-edge/testbox/{source}/status"))
+            .map(|(_, payload)| payload.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(statuses("yard"), ["online"], "{}", log());
+
+    // A broken config: refused with a log line; windows and events go on.
+    std::fs::write(&config, "[model\npath = ").unwrap();
+    signal(&daemon, "HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !log().contains("reload refused") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log().contains("reload refused"), "{}", log());
+    let before = http_get(port, "/metrics").map(|(_, body)| built(&body)).unwrap();
+    scrape_until(port, Duration::from_secs(10), "windows after the refused reload", |body| built(body) >= before + 2.0);
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon stopped: {}", log());
+    signal(&daemon, "TERM");
+    assert_eq!(daemon.wait().unwrap().code(), Some(0), "{}", log());
+}
+
+/// WATCHDOG=1 stops when the only source stalls: a live source that ends after 3 s and waits
+/// 60 s before its restart gives no windows, so after the health rule's 10 s no pings follow.
+#[test]
+fn watchdog_pings_stop_when_the_only_source_stalls() {
+    use std::os::unix::net::UnixDatagram;
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "height = 120\n",
+        "height = 120\nis_live = true\nduration = \"3s\"\nbackoff_initial = \"60s\"\nbackoff_max = \"60s\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(config.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    let mut received: Vec<(std::time::Instant, String)> = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut unhealthy_at = None;
+    while std::time::Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buffer) {
+            let now = std::time::Instant::now();
+            received.extend(String::from_utf8_lossy(&buffer[..n]).lines().map(|line| (now, line.to_string())));
+        }
+        if unhealthy_at.is_none() {
+            unhealthy_at = received.iter().find(|(_, line)| line.starts_with("STATUS=unhealthy")).map(|(at, _)| *at);
+        }
+        if unhealthy_at.is_some_and(|at| at.elapsed() > Duration::from_secs(4)) {
+            break;
+        }
+    }
+    signal(&daemon, "TERM");
+    assert_eq!(daemon.wait().unwrap().code(), Some(0), "{}", log());
+    let lines: Vec<&str> = received.iter().map(|(_, line)| line.as_str()).collect();
+    let unhealthy_at = unhealthy_at.unwrap_or_else(|| panic!("never unhealthy: {lines:?}\n{}", log()));
+    let pings_before = received.iter().filter(|(at, line)| line == "WATCHDOG=1" && *at < unhealthy_at).count();
+    let pings_after = received.iter().filter(|(at, line)| line == "WATCHDOG=1" && *at > unhealthy_at).count();
+    assert!(pings_before >= 3, "{lines:?}");
+    assert_eq!(pings_after, 0, "{lines:?}");
+    assert!(lines.iter().any(|line| line.starts_with("STATUS=unhealthy: no windows")), "{lines:?}");
 }

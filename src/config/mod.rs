@@ -80,7 +80,18 @@ pub struct Settings {
     pub events_raw: RawEvents,
     pub mqtt: MqttSettings,
     pub spool: SpoolSettings,
+    pub metrics: MetricsSettings,
 }
+
+/// `[metrics]`: where the health and metrics endpoint listens; `None` when disabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsSettings {
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// The endpoint's address when `[metrics] listen` is not set.
+pub const DEFAULT_METRICS_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSettings {

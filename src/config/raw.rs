@@ -30,6 +30,18 @@ pub struct RawConfig {
     /// The on-disk event spool.
     #[serde(default)]
     pub spool: RawSpool,
+    /// The health and metrics HTTP endpoint.
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Serve `GET /metrics` (Prometheus text) and `GET /health`. Default true.
+    pub enabled: Option<Spanned<bool>>,
+    /// Address and port to listen on. Default `127.0.0.1:9464` (loopback only).
+    pub listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

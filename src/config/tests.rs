@@ -37,6 +37,15 @@ fn minimal_config_gets_defaults() {
 }
 
 #[test]
+fn metrics_endpoint_defaults_to_loopback_and_can_be_moved_or_disabled() {
+    assert_eq!(check_ok(BASE).metrics.listen, Some(crate::config::DEFAULT_METRICS_LISTEN));
+    let moved = check_ok(&format!("{BASE}\n[metrics]\nlisten = \"[::1]:9500\"\n"));
+    assert_eq!(moved.metrics.listen, Some("[::1]:9500".parse().unwrap()));
+    assert_eq!(check_ok(&format!("{BASE}\n[metrics]\nenabled = false\n")).metrics.listen, None);
+    check_err(&format!("{BASE}\n[metrics]\nlisten = \"localhost\"\n"), 6, "metrics.listen", "not an address and port");
+}
+
+#[test]
 fn unknown_top_level_key() {
     check_err(&format!("{BASE}\n[windw]\nhop = 1\n"), 5, "windw", "unknown key `windw`");
 }

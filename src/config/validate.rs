@@ -1,5 +1,6 @@
 //! `RawConfig` -> `Settings`: every check with the key and span it is about.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -7,8 +8,8 @@ use toml::Spanned;
 
 use super::raw::{RawConfig, RawDuration, RawSource};
 use super::{
-    FieldError, ModelSettings, RestartSettings, Runtime, Settings, SourceKind, SourceSettings, TestSource,
-    WindowConfig, parse_duration_str,
+    DEFAULT_METRICS_LISTEN, FieldError, MetricsSettings, ModelSettings, RestartSettings, Runtime, Settings, SourceKind,
+    SourceSettings, TestSource, WindowConfig, parse_duration_str,
 };
 
 const KINDS: &str = "v4l2, alsa, pulse, rtsp, uri, test, pipeline";
@@ -88,6 +89,23 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
 
     let log_level = raw.log.level.map(Spanned::into_inner);
     let mqtt = raw.mqtt.validate(&device_id)?;
+    let metrics = {
+        let listen = match &raw.metrics.listen {
+            Some(listen) => listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "metrics.listen",
+                    listen,
+                    format!(
+                        "{:?} is not an address and port; e.g. \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                        listen.get_ref()
+                    ),
+                )
+            })?,
+            None => DEFAULT_METRICS_LISTEN,
+        };
+        let enabled = raw.metrics.enabled.as_ref().is_none_or(|enabled| *enabled.get_ref());
+        MetricsSettings { listen: enabled.then_some(listen) }
+    };
     Ok(Settings {
         file: path.to_path_buf(),
         device_id,
@@ -105,6 +123,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
             }
             spool
         },
+        metrics,
     })
 }
 

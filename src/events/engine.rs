@@ -187,6 +187,21 @@ impl EventEngine {
     /// Ends every open event of `source`, e.g. when the source stops or the daemon shuts
     /// down. The `end` messages carry the source's last window.
     pub fn finish_source(&mut self, source: &str) -> Vec<Event> {
+        self.end_open_events(source, |_| true)
+    }
+
+    /// Replaces the settings (a config reload). Open events stay open and go on under the new
+    /// thresholds; those of labels that are now disabled end now. Returns those `end`s.
+    pub fn set_settings(&mut self, settings: EventSettings) -> Vec<Event> {
+        self.settings = settings;
+        let disabled: Vec<bool> = self.labels.iter().map(|label| !self.settings.for_label(label).enabled).collect();
+        let mut sources: Vec<String> = self.sources.keys().cloned().collect();
+        sources.sort();
+        sources.into_iter().flat_map(|source| self.end_open_events(&source, |label_idx| disabled[label_idx])).collect()
+    }
+
+    /// Ends the open events of `source` whose label index passes `which`.
+    fn end_open_events(&mut self, source: &str, which: impl Fn(usize) -> bool) -> Vec<Event> {
         let Some(source_state) = self.sources.get_mut(source) else {
             return Vec::new();
         };
@@ -196,6 +211,9 @@ impl EventEngine {
         };
         let mut events = Vec::new();
         for (label_idx, state) in source_state.labels.iter_mut().enumerate() {
+            if !which(label_idx) {
+                continue;
+            }
             if let LabelState::Active { id, start_time, peak, last_above_off_end, last_scores, last_decision } = state {
                 events.push(Event {
                     kind: EventKind::End,
@@ -369,6 +387,25 @@ mod tests {
 
     fn label_a(scores: &[f32]) -> Vec<WindowScores> {
         scores.iter().enumerate().map(|(idx, &s)| window("porch", idx, vec![s, 0.0])).collect()
+    }
+
+    #[test]
+    fn set_settings_applies_new_thresholds_keeps_open_events_and_ends_disabled_ones() {
+        let labels = vec!["a".to_owned(), "b".to_owned()];
+        let old = EventSettings { default: settings(0.9, 0.4, 1, 0), per_label: HashMap::new() };
+        let mut engine = EventEngine::with_id_generator(old, labels, true, EventIdGenerator::from_seed(7));
+        let both = |idx| window("porch", idx, vec![0.7, 0.95]);
+        // Threshold 0.9: only b starts.
+        let kinds =
+            |events: Vec<Event>| events.iter().map(|e| format!("{}:{}", e.label, e.kind.as_str())).collect::<Vec<_>>();
+        assert_eq!(kinds(engine.process(&both(0))), ["b:start"]);
+        // Threshold 0.6 and b disabled: b's open event ends now, a starts on the next window.
+        let mut per_label = HashMap::new();
+        per_label.insert("b".to_owned(), LabelSettings { enabled: false, ..settings(0.6, 0.4, 1, 0) });
+        let ended = engine.set_settings(EventSettings { default: settings(0.6, 0.4, 1, 0), per_label });
+        assert_eq!(kinds(ended), ["b:end"]);
+        assert_eq!(kinds(engine.process(&both(1))), ["a:start"]);
+        assert!(engine.process(&both(2)).is_empty());
     }
 
     #[test]

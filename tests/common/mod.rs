@@ -144,3 +144,26 @@ impl Drop for Subscriber {
         let _ = self.child.wait();
     }
 }
+
+/// `GET path` on `127.0.0.1:port` with a plain HTTP/1.1 request: (status code, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the Prometheus sample `name{labels}` (labels exactly as rendered, e.g.
+/// `source="yard"`; empty for none) in a `/metrics` body.
+pub fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted = if labels.is_empty() { name.to_string() } else { format!("{name}{{{labels}}}") };
+    body.lines().find_map(|line| {
+        let (sample, value) = line.rsplit_once(' ')?;
+        (sample == wanted).then(|| value.parse().ok()).flatten()
+    })
+}
