@@ -1,4 +1,4 @@
-"""`python -m mbt COMMAND ...`: flops | export | convert-scenic | train | logmel | compare.
+"""`python -m mbt COMMAND ...`: flops | export | convert-scenic | train | logmel | compare | rewrite.
 
 Each command imports its own dependencies, so `flops` runs without torch.
 """
@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("mbt.train", "train on windows written by `mbt-edge record`"),
     "logmel": ("mbt.logmel", "log-mel reference: IN.npy OUT.npy"),
     "compare": ("mbt.compare", "time one model in tract (mbt-edge bench), onnxruntime and PyTorch; parity"),
+    "rewrite": ("mbt.rewrite", "rewrite an exported ONNX model so that tract runs it faster (same outputs)"),
 }
 
 

@@ -162,11 +162,11 @@ def format_table(rows: list[Row], gmacs: float, peak: Peak, reference: str = "or
 
 def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, float]:
     """Worst |a - b| over the outputs both have, and the largest |b| (for a relative figure)."""
-    worst, scale = 0.0, 0.0
-    for name in OUTPUTS:
-        if name in a and name in b:
-            worst = max(worst, float(np.max(np.abs(a[name] - b[name]))))
-            scale = max(scale, float(np.max(np.abs(b[name]))))
+    common = [name for name in OUTPUTS if name in a and name in b]
+    if not common:
+        raise ValueError(f"no common outputs: {sorted(a)} vs {sorted(b)}")
+    worst = max(float(np.max(np.abs(a[n] - b[n]))) for n in common)
+    scale = max(float(np.max(np.abs(b[n]))) for n in common)
     return worst, scale
 
 
@@ -221,9 +221,15 @@ class TractPyEngine:
         import tract
         from tract.transform import SetSymbols
 
+        import onnx
+
+        # tract names outputs after their nodes; their order is the graph's.
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self.names = [o.name for o in graph.output]
         model = tract.onnx().load(str(path)).into_model()
         model.transform(SetSymbols({"batch": batch}))
-        self.names = [model.output_name(i) for i in range(model.output_count())]
+        if model.output_count() != len(self.names):
+            raise ValueError(f"tract sees {model.output_count()} outputs, the graph has {len(self.names)}")
         self.input_names = [model.input_name(i) for i in range(model.input_count())]
         self.runnable = model.into_runnable()
 

@@ -87,6 +87,14 @@ def test_variant_parity_against_the_model(tmp_path):
     assert float(line.split("max |diff| ")[1].split()[0]) == 0.0
 
 
+def test_max_abs_diff_needs_common_outputs():
+    a = {"logits": np.array([1.0, 2.0]), "logits_audio": np.array([0.0])}
+    b = {"logits": np.array([1.5, -3.0]), "other": np.array([9.0])}
+    assert cmp.max_abs_diff(a, b) == (5.0, 3.0)
+    with pytest.raises(ValueError):
+        cmp.max_abs_diff({"x": np.zeros(1)}, {"y": np.zeros(1)})
+
+
 def test_torch_model_rebuilt_from_onnx_initializers():
     pytest.importorskip("torch")
     gmacs, cfg = cmp.model_gmacs(TINY)
