@@ -122,6 +122,9 @@ pub struct WindowBuilder {
     video_delay: Option<time::Duration>,
     audio_delay: Option<time::Duration>,
     next_index: Option<u64>,
+    /// Both streams ended and the last full window is out: nothing more comes from this
+    /// builder (the cursor must not start over on data that is gone).
+    exhausted: bool,
     counters: BuilderCounters,
 }
 
@@ -165,6 +168,7 @@ impl WindowBuilder {
             video_delay: None,
             audio_delay: None,
             next_index: None,
+            exhausted: false,
             counters: BuilderCounters::default(),
         }
     }
@@ -288,6 +292,9 @@ impl WindowBuilder {
 
     fn drain(&mut self, now: Option<RunningTime>) -> Vec<Window> {
         let mut out = Vec::new();
+        if self.exhausted {
+            return out;
+        }
         if self.next_index.is_none() {
             // Wait for the first data of every modality unless one runs too far ahead.
             let lead_exceeded = self.lead().is_some_and(|lead| lead > self.settings.max_lead + self.settings.length);
@@ -317,6 +324,7 @@ impl WindowBuilder {
             if self.finished() && !any_data_past_end {
                 // The streams ended inside this window: a file ends after its last full window.
                 self.next_index = None;
+                self.exhausted = true;
                 self.frames.clear();
                 self.audio.clear();
                 break;

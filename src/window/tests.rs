@@ -184,6 +184,28 @@ fn file_ends_after_its_last_full_window() {
 }
 
 #[test]
+fn nothing_comes_out_after_both_streams_ended() {
+    // A live source that ends (EOS, then restarted by its supervisor): once the last full
+    // window is out, later polls must not start over from the first window with the data gone.
+    let video: Vec<Item> = (0..(35 * 25 / 10)).map(|frame_idx| Item::Frame(frame(frame_idx, 40))).collect();
+    let audio: Vec<Item> = (0..35).map(|chunk_idx| Item::Audio(chunk(chunk_idx, 100))).collect();
+    let order: Vec<Item> = audio.into_iter().chain(video).collect();
+    let mut builder = builder(settings(1_000, 500, 2));
+    let mut windows = Vec::new();
+    for item in &order {
+        windows.extend(feed(&mut builder, item));
+    }
+    windows.extend(builder.end_video());
+    windows.extend(builder.end_audio());
+    assert_eq!(windows.len(), 6);
+    for seconds in [4, 10, 60] {
+        let late = builder.poll(RunningTime(Duration::from_secs(seconds)));
+        assert!(late.is_empty(), "{} windows after the end, first at {:?}", late.len(), late[0].start);
+    }
+    assert!(builder.end_audio().is_empty());
+}
+
+#[test]
 fn lagging_video_is_declared_lost_after_max_lead() {
     let mut settings = settings(1_000, 1_000, 2);
     settings.max_lead = Duration::from_secs(2);
