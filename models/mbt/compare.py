@@ -349,7 +349,7 @@ class Comparison:
 
 def compare(model: str, variants: list[str], threads: int, runs: int, per_round: int,
             engines: list[str], mbt_edge: str | os.PathLike, checkpoint: str | None,
-            log: Callable[[str], None] = print) -> Comparison:
+            log: Callable[[str], None] = print, warmup: int = 3) -> Comparison:
     result = Comparison()
     models = [model] + list(variants)
     label = {p: Path(p).name for p in models}
@@ -389,7 +389,7 @@ def compare(model: str, variants: list[str], threads: int, runs: int, per_round:
                 timed[("tract-py", p)] = (lambda e=eng: e.run(feed), [])
             result.notes.append("tract-py: tract Python bindings (1 thread whatever --threads says)")
     for fn, _ in timed.values():
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
 
     bench_rounds: list[list[dict]] | None = None
@@ -459,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=30, help="timed runs per engine and model")
     ap.add_argument("--per-round", type=int, default=5, help="runs per engine in one round")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed runs per in-process engine before the rounds (default 3)")
     ap.add_argument("--engines", default="tract,ort,torch",
                     help=f"comma-separated, of {','.join(ENGINES)} (default tract,ort,torch)")
     ap.add_argument("--mbt-edge", default=str(DEFAULT_MBT_EDGE),
@@ -483,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(clock: {peak.clock_source})")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
     result = compare(args.model, args.variant, args.threads, args.runs, per_round, engines,
-                     args.mbt_edge, args.checkpoint, log=lambda s: print(s, file=sys.stderr))
+                     args.mbt_edge, args.checkpoint, log=lambda s: print(s, file=sys.stderr),
+                     warmup=args.warmup)
     load_after = os.getloadavg()
     print()
     print(format_table(result.rows, gmacs, peak))
