@@ -71,8 +71,9 @@ def run_onnx(onnx_path: str | os.PathLike, inputs: dict[str, np.ndarray], thread
 
 
 def export_onnx(model, out_path: str | os.PathLike, *, parity_batch: int = 2, seed: int = 0,
-                write_parity: bool = True, check: bool = True) -> dict:
-    """Export `model` (mbt.model.MBT) to `out_path`; returns a small report dict."""
+                write_parity: bool = True, check: bool = True, rewrite_for_tract: bool = False) -> dict:
+    """Export `model` (mbt.model.MBT) to `out_path`; returns a small report dict.
+    `rewrite_for_tract`: apply mbt/rewrite.py (opset 20) before the sha256 and the check."""
     import onnx
     import torch
 
@@ -101,11 +102,18 @@ def export_onnx(model, out_path: str | os.PathLike, *, parity_batch: int = 2, se
     prop.value = cfg.metadata_json()
     m.producer_name = "mbt-edge models/mbt"
     m.doc_string = f"MBT {cfg.name}: {cfg.fusion} fusion, Lf={cfg.fusion_layer}, labels={len(cfg.labels)}"
+    rewritten = None
+    if rewrite_for_tract:
+        from .rewrite import rewrite
+
+        rewritten = rewrite(m)
     onnx.checker.check_model(m)
     onnx.save(m, str(out_path))
     digest = sha256_file(out_path)
     Path(str(out_path) + ".sha256").write_text(f"{digest}  {out_path.name}\n")
     report = {"path": str(out_path), "sha256": digest, "bytes": out_path.stat().st_size}
+    if rewritten is not None:
+        report["rewritten"] = rewritten
     if write_parity:
         pdir = parity_dir(out_path)
         pdir.mkdir(exist_ok=True)
@@ -159,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audio-std", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="also apply `python -m mbt rewrite` (faster in tract on x86; opset 20)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     if args.checkpoint:
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             changes[key] = val
     if changes:  # metadata-only changes keep the weights
         model.cfg = model.cfg.replace(**changes).validate()
-    report = export_onnx(model, args.out, seed=args.seed, write_parity=not args.no_parity)
+    report = export_onnx(model, args.out, seed=args.seed, write_parity=not args.no_parity,
+                         rewrite_for_tract=args.rewrite)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

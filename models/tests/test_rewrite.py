@@ -106,3 +106,18 @@ def test_gelu_with_a_shared_intermediate_is_left_alone():
     graph.output.append(helper.make_tensor_value_info(tanh.output[0], TensorProto.FLOAT, None))
     graph.node.append(helper.make_node("Identity", [tanh.output[0]], ["tanh_copy"]))
     assert rw.rewrite_gelu(model) == 3
+
+
+def test_export_can_rewrite_for_tract(tmp_path):
+    torch = pytest.importorskip("torch")
+    from mbt.config import preset
+    from mbt.export import export_onnx
+    from mbt.model import MBT
+
+    torch.manual_seed(0)
+    report = export_onnx(MBT(preset("tiny")), tmp_path / "t.onnx", rewrite_for_tract=True)
+    assert report["rewritten"] == {"softmax": 4, "gelu": 4}
+    assert report["max_rel_diff_onnxruntime"] < 1e-4
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    assert "Softmax" not in ops(model) and "Gelu" in ops(model)
+    assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) == rw.GELU_OPSET
