@@ -128,7 +128,16 @@ pub fn spawn(
                     start_utc: window.start_utc,
                     end_utc: window.end_utc,
                     degraded: window.degraded,
-                    fused: probabilities(&logits.fused, metadata.multi_label),
+                    // With a sense lost, the surviving sense's head decides: `logits` would
+                    // average in the head of the sense that sees nothing (models/METADATA.md).
+                    fused: probabilities(
+                        match (window.degraded, &logits.audio, &logits.video) {
+                            (Some(Degraded::AudioLost), _, Some(video)) => video,
+                            (Some(Degraded::VideoLost), Some(audio), _) => audio,
+                            _ => &logits.fused,
+                        },
+                        metadata.multi_label,
+                    ),
                     audio: logits.audio.as_deref().map(|values| probabilities(values, metadata.multi_label)),
                     video: logits.video.as_deref().map(|values| probabilities(values, metadata.multi_label)),
                     features_time,

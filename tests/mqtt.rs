@@ -17,14 +17,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Broker, free_port};
+use common::{Broker, free_port, schema_path, validate};
 use mbt_edge::events::{Event, EventEngine, EventIdGenerator, EventSettings, LabelSettings, WindowScores};
 use mbt_edge::publish::settings::BrokerUrl;
 use mbt_edge::publish::spool::Spool;
 use mbt_edge::publish::{ModelInfo, MqttSettings, Publisher, PublisherInfo, SourceStatus, SpoolSettings};
 use serde_json::Value;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 const DEVICE: &str = "testdev";
 const SOURCE: &str = "porch";
@@ -734,95 +733,6 @@ fn bench_publish_throughput_and_spool_cost() {
     );
     publisher.shutdown(Duration::from_secs(2));
     drop(collector);
-}
-
-fn schema_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/event.schema.json")
-}
-
-/// A JSON Schema checker for the keywords schema/event.schema.json uses: type, enum,
-/// required, properties, additionalProperties (false), minimum, maximum, minLength and the
-/// formats date-time (RFC 3339) and uuid. Returns one line per violation.
-fn validate(schema: &Value, value: &Value, path: &str) -> Vec<String> {
-    let mut errors = Vec::new();
-    if let Some(types) = schema.get("type") {
-        let types: Vec<&str> = match types {
-            Value::String(t) => vec![t.as_str()],
-            Value::Array(ts) => ts.iter().filter_map(|t| t.as_str()).collect(),
-            _ => vec![],
-        };
-        let ok = types.iter().any(|t| match *t {
-            "object" => value.is_object(),
-            "string" => value.is_string(),
-            "number" => value.is_number(),
-            "integer" => value.is_u64() || value.is_i64(),
-            "boolean" => value.is_boolean(),
-            "null" => value.is_null(),
-            "array" => value.is_array(),
-            _ => false,
-        });
-        if !ok {
-            errors.push(format!("{path}: {value} is not of type {types:?}"));
-            return errors;
-        }
-    }
-    if let Some(Value::Array(allowed)) = schema.get("enum")
-        && !allowed.contains(value)
-    {
-        errors.push(format!("{path}: {value} not in {allowed:?}"));
-    }
-    if let Some(n) = value.as_f64() {
-        if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
-            && n < min
-        {
-            errors.push(format!("{path}: {n} < {min}"));
-        }
-        if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
-            && n > max
-        {
-            errors.push(format!("{path}: {n} > {max}"));
-        }
-    }
-    if let Some(s) = value.as_str() {
-        if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
-            && (s.chars().count() as u64) < min
-        {
-            errors.push(format!("{path}: shorter than {min}"));
-        }
-        match schema.get("format").and_then(Value::as_str) {
-            Some("date-time") if OffsetDateTime::parse(s, &Rfc3339).is_err() => {
-                errors.push(format!("{path}: {s:?} is not RFC 3339"));
-            }
-            Some("uuid") if !is_uuid(s) => errors.push(format!("{path}: {s:?} is not a UUID")),
-            _ => {}
-        }
-    }
-    if let Some(object) = value.as_object() {
-        let properties = schema.get("properties").and_then(Value::as_object);
-        if let Some(Value::Array(required)) = schema.get("required") {
-            for key in required.iter().filter_map(Value::as_str) {
-                if !object.contains_key(key) {
-                    errors.push(format!("{path}: missing {key}"));
-                }
-            }
-        }
-        for (key, child) in object {
-            match properties.and_then(|p| p.get(key)) {
-                Some(child_schema) => errors.extend(validate(child_schema, child, &format!("{path}.{key}"))),
-                None if schema.get("additionalProperties") == Some(&Value::Bool(false)) => {
-                    errors.push(format!("{path}: unexpected {key}"));
-                }
-                None => {}
-            }
-        }
-    }
-    errors
-}
-
-fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[test]

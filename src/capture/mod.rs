@@ -387,7 +387,12 @@ impl Supervisor {
                 };
                 return Outcome::Failed(format!("no {which} for {stall:?}"));
             }
-            let new_status = if video_stalled || audio_stalled {
+            // A live stream that ended (a microphone or camera gone while the other goes on)
+            // is lost like a stalled one; windows then go out marked degraded.
+            let live = self.source.kind.is_live();
+            let video_lost = video && (video_stalled || (live && video_ended));
+            let audio_lost = audio && (audio_stalled || (live && audio_ended));
+            let new_status = if video_lost || audio_lost {
                 SourceStatus::Degraded
             } else if shared.started.get().is_some() {
                 SourceStatus::Online
@@ -396,10 +401,12 @@ impl Supervisor {
             };
             if new_status != status {
                 status = new_status;
-                let detail = if status == SourceStatus::Degraded {
-                    if video_stalled { "video stalled" } else { "audio stalled" }
-                } else {
-                    "playing"
+                let detail = match (video_lost, video_stalled, audio_stalled) {
+                    (true, true, _) => "video stalled",
+                    (true, false, _) => "video ended",
+                    (false, _, true) => "audio stalled",
+                    _ if audio_lost => "audio ended",
+                    _ => "playing",
                 };
                 self.status(status, detail);
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{FeatureError, LogMelStream, video_tensor};
 use crate::model::{ModelMetadata, VideoRecipe};
-use crate::window::Window;
+use crate::window::{Degraded, Window};
 
 /// Computes model inputs for the windows of any number of sources.
 pub struct Featurizer {
@@ -36,18 +36,19 @@ impl Featurizer {
     }
 
     /// Writes `window`'s tensors into `video_out` (`video_len`) and `audio_out` (`audio_len`).
-    /// A modality the window lacks (a one-sense source) is written as zeros, the standardised
-    /// mean, which is what models trained with modality dropout expect.
+    /// A modality the window lacks (a one-sense source) or has lost (`window.degraded`) is
+    /// written as zeros, the standardised mean, which is what models trained with modality
+    /// dropout expect (models/METADATA.md).
     pub fn fill(&mut self, window: &Window, video_out: &mut [f32], audio_out: &mut [f32]) {
         if let Some(video) = &self.video {
-            if window.frames.is_empty() {
+            if window.frames.is_empty() || window.degraded == Some(Degraded::VideoLost) {
                 video_out.fill(0.0);
             } else {
                 video_tensor(&window.frames, video, video_out);
             }
         }
         if let Some(audio) = &self.audio {
-            if window.audio.is_empty() {
+            if window.audio.is_empty() || window.degraded == Some(Degraded::AudioLost) {
                 audio_out.fill(0.0);
             } else {
                 let stream = self

@@ -333,7 +333,15 @@ impl WindowBuilder {
                 break;
             }
             let degraded = if complete {
-                None
+                // Complete because a stream ended before this window's end: that sense is lost.
+                if self.settings.audio && self.audio_ended && self.audio_watermark().is_none_or(|mark| mark < end) {
+                    Some(Degraded::AudioLost)
+                } else if self.settings.video && self.video_ended && self.video_watermark.is_none_or(|mark| mark < end)
+                {
+                    Some(Degraded::VideoLost)
+                } else {
+                    None
+                }
             } else if !video_ready {
                 Some(Degraded::VideoLost)
             } else {

@@ -206,6 +206,26 @@ fn nothing_comes_out_after_both_streams_ended() {
 }
 
 #[test]
+fn windows_after_a_stream_ended_are_marked_with_that_sense_lost() {
+    // Audio ends at 2 s, video goes on to 4 s (a microphone gone): 1 s windows every 1 s.
+    let video: Vec<Item> = (0..100).map(|frame_idx| Item::Frame(frame(frame_idx, 40))).collect();
+    let audio: Vec<Item> = (0..20).map(|chunk_idx| Item::Audio(chunk(chunk_idx, 100))).collect();
+    let mut builder = builder(settings(1_000, 1_000, 2));
+    let mut windows = Vec::new();
+    for item in audio.iter().chain(&video[..25]) {
+        windows.extend(feed(&mut builder, item));
+    }
+    windows.extend(builder.end_audio());
+    for item in &video[25..] {
+        windows.extend(feed(&mut builder, item));
+    }
+    let degraded: Vec<Option<Degraded>> = windows.iter().map(|window| window.degraded).collect();
+    assert_eq!(degraded[..2], [None, None]);
+    assert!(degraded[2..].iter().all(|d| *d == Some(Degraded::AudioLost)), "{degraded:?}");
+    assert_eq!(degraded.len(), 4, "windows [0,1) .. [3,4): video runs to 4 s");
+}
+
+#[test]
 fn lagging_video_is_declared_lost_after_max_lead() {
     let mut settings = settings(1_000, 1_000, 2);
     settings.max_lead = Duration::from_secs(2);

@@ -167,3 +167,94 @@ pub fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
         (sample == wanted).then(|| value.parse().ok()).flatten()
     })
 }
+
+pub fn schema_path() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/event.schema.json")
+}
+
+/// A JSON Schema checker for the keywords schema/event.schema.json uses: type, enum,
+/// required, properties, additionalProperties (false), minimum, maximum, minLength and the
+/// formats date-time (RFC 3339) and uuid. Returns one line per violation.
+pub fn validate(schema: &serde_json::Value, value: &serde_json::Value, path: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Some(types) = schema.get("type") {
+        let types: Vec<&str> = match types {
+            serde_json::Value::String(t) => vec![t.as_str()],
+            serde_json::Value::Array(ts) => ts.iter().filter_map(|t| t.as_str()).collect(),
+            _ => vec![],
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => value.is_object(),
+            "string" => value.is_string(),
+            "number" => value.is_number(),
+            "integer" => value.is_u64() || value.is_i64(),
+            "boolean" => value.is_boolean(),
+            "null" => value.is_null(),
+            "array" => value.is_array(),
+            _ => false,
+        });
+        if !ok {
+            errors.push(format!("{path}: {value} is not of type {types:?}"));
+            return errors;
+        }
+    }
+    if let Some(serde_json::Value::Array(allowed)) = schema.get("enum")
+        && !allowed.contains(value)
+    {
+        errors.push(format!("{path}: {value} not in {allowed:?}"));
+    }
+    if let Some(n) = value.as_f64() {
+        if let Some(min) = schema.get("minimum").and_then(serde_json::Value::as_f64)
+            && n < min
+        {
+            errors.push(format!("{path}: {n} < {min}"));
+        }
+        if let Some(max) = schema.get("maximum").and_then(serde_json::Value::as_f64)
+            && n > max
+        {
+            errors.push(format!("{path}: {n} > {max}"));
+        }
+    }
+    if let Some(s) = value.as_str() {
+        if let Some(min) = schema.get("minLength").and_then(serde_json::Value::as_u64)
+            && (s.chars().count() as u64) < min
+        {
+            errors.push(format!("{path}: shorter than {min}"));
+        }
+        match schema.get("format").and_then(serde_json::Value::as_str) {
+            Some("date-time")
+                if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_err() =>
+            {
+                errors.push(format!("{path}: {s:?} is not RFC 3339"));
+            }
+            Some("uuid") if !is_uuid(s) => errors.push(format!("{path}: {s:?} is not a UUID")),
+            _ => {}
+        }
+    }
+    if let Some(object) = value.as_object() {
+        let properties = schema.get("properties").and_then(serde_json::Value::as_object);
+        if let Some(serde_json::Value::Array(required)) = schema.get("required") {
+            for key in required.iter().filter_map(serde_json::Value::as_str) {
+                if !object.contains_key(key) {
+                    errors.push(format!("{path}: missing {key}"));
+                }
+            }
+        }
+        for (key, child) in object {
+            match properties.and_then(|p| p.get(key)) {
+                Some(child_schema) => errors.extend(validate(child_schema, child, &format!("{path}.{key}"))),
+                None if schema.get("additionalProperties") == Some(&serde_json::Value::Bool(false)) => {
+                    errors.push(format!("{path}: unexpected {key}"));
+                }
+                None => {}
+            }
+        }
+    }
+    errors
+}
+
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+}

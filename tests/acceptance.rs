@@ -1,0 +1,456 @@
+//! Acceptance: the daemon end to end as a user runs it (the built binary, the shipped demo
+//! model, real GStreamer sources, a real mosquitto on a free loopback port, a generated
+//! config), including the faults it must survive: a source pipeline that errors, a lost
+//! microphone or camera, a broker outage, SIGKILL, and malformed configs and models.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Broker, Subscriber, free_port, http_get, metric, schema_path, signal, validate};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn demo_model() -> PathBuf {
+    repo().join("models/avsynth-edge.onnx")
+}
+
+/// A config for the demo model: `sources` are `[[source]]` tables, `extra` goes at the end.
+fn write_config(dir: &Path, broker: u16, sources: &str, extra: &str) -> PathBuf {
+    let config = dir.join("config.toml");
+    let text = format!(
+        r#"[device]
+id = "box"
+
+[model]
+path = "{model}"
+threads = 1
+
+[window]
+hop = 1.0
+
+{sources}
+
+[mqtt]
+url = "mqtt://127.0.0.1:{broker}"
+
+[spool]
+dir = "{spool}"
+
+{extra}
+"#,
+        model = demo_model().display(),
+        spool = dir.join("spool").display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// `[events]` as the bundled demo config has it.
+const DEMO_EVENTS: &str = "[events]\nthreshold = 0.6\nmin_windows = 2\ncooldown = \"2s\"\n";
+
+/// The `tour` source of the bundled config.toml: wheel_clicks, rings_tone, ball_buzz and
+/// background, 10 s each, live.
+fn tour_source() -> String {
+    let config: toml::Value = toml::from_str(&std::fs::read_to_string(repo().join("config.toml")).unwrap()).unwrap();
+    let tour =
+        config["source"].as_array().unwrap().iter().find(|source| source["name"].as_str() == Some("tour")).unwrap();
+    format!(
+        "[[source]]\nname = \"tour\"\nkind = \"pipeline\"\nvideo_pipeline = {}\naudio_pipeline = {}\n",
+        tour["video_pipeline"], tour["audio_pipeline"]
+    )
+}
+
+/// `kind = "test"` playing ball_tone (a wavy orange ball and a 440 Hz sine).
+fn ball_tone_source(name: &str) -> String {
+    format!(
+        r#"[[source]]
+name = "{name}"
+kind = "test"
+pattern = "ball"
+video_extra = "motion=wavy foreground-color=0xffffa020 background-color=0xff182848"
+wave = "sine"
+freq = 440.0
+volume = 0.3
+width = 160
+height = 120
+fps = 15
+"#
+    )
+}
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, tag: &str) -> Daemon {
+        let log = config.with_file_name(format!("{tag}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit code.
+    fn stop(mut self) -> (Option<i32>, String) {
+        signal(&self.child, "TERM");
+        let code = self.child.wait().unwrap().code();
+        (code, self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The event messages among `messages`, parsed.
+fn events(messages: &[(String, String)]) -> Vec<Value> {
+    messages
+        .iter()
+        .filter(|(topic, _)| topic.ends_with("/events"))
+        .map(|(_, payload)| serde_json::from_str(payload).unwrap())
+        .collect()
+}
+
+fn statuses(messages: &[(String, String)], source: &str) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|(topic, _)| topic == &format!("mbt-edge/box/{source}/status"))
+        .map(|m| m.1.clone())
+        .collect()
+}
+
+fn labels_of_starts(events: &[Value], source: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|event| event["source"] == source && event["type"] == "start")
+        .map(|event| event["label"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The tour plays four demo classes in turn: each gets a `start` and an `end` with the
+/// right label, in order, schema-valid, with a plausible latency.
+#[test]
+fn classes_played_in_sequence_give_start_and_end_events_with_the_right_labels() {
+    let broker = Broker::start("");
+    let subscriber = Subscriber::start(broker.port, "mbt-edge/#");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, &tour_source(), DEMO_EVENTS);
+    let daemon = Daemon::start(&config, "run");
+    let order = ["wheel_clicks", "rings_tone", "ball_buzz", "background"];
+    subscriber.wait_for("the tour's four classes", Duration::from_secs(90), |messages| {
+        let events = events(messages);
+        let ended = |label: &str| events.iter().any(|event| event["label"] == label && event["type"] == "end");
+        ended("ball_buzz") && labels_of_starts(&events, "tour").iter().any(|label| label == "background")
+    });
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+
+    let events = events(&subscriber.messages());
+    let starts = labels_of_starts(&events, "tour");
+    assert!(starts.iter().all(|label| order.contains(&label.as_str())), "unexpected labels: {starts:?}");
+    // The four classes start in the order played (a class may start more than once).
+    let mut next = 0;
+    for label in &starts {
+        if next < order.len() && label == order[next] {
+            next += 1;
+        }
+    }
+    assert_eq!(next, order.len(), "start labels {starts:?} do not follow {order:?}");
+    // Every event that started ended (the last one when the daemon stopped), each with one start and one end.
+    let mut by_id: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for event in &events {
+        by_id.entry(event["id"].as_str().unwrap()).or_default().push(event["type"].as_str().unwrap());
+    }
+    for (id, kinds) in &by_id {
+        assert_eq!(kinds.first(), Some(&"start"), "{id}: {kinds:?}");
+        assert_eq!(kinds.last(), Some(&"end"), "{id}: {kinds:?}");
+        assert_eq!(kinds.iter().filter(|kind| **kind == "end").count(), 1, "{id}: {kinds:?}");
+    }
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(schema_path()).unwrap()).unwrap();
+    for event in &events {
+        assert_eq!(validate(&schema, event, "$"), Vec::<String>::new(), "{event}");
+        assert!(event["degraded"].is_null(), "{event}");
+        assert_eq!(event["replayed"], false, "{event}");
+        // From the window's end to publishing: features, inference, engine, spool fsync.
+        let latency = event["latency_ms"].as_f64().unwrap();
+        assert!((0.0..3000.0).contains(&latency), "latency {latency} ms: {event}");
+    }
+}
+
+/// `classify` on a clip made with gst-launch-1.0: every window of a ball_tone clip is ball_tone.
+#[test]
+fn classify_names_the_class_of_a_generated_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("ball_tone.webm");
+    // 10 s: the yard scene of config.toml, VP8 + Opus at 48 kHz stereo.
+    let status = Command::new("gst-launch-1.0")
+        .args(["-q", "webmmux", "name=mux", "!", "filesink"])
+        .arg(format!("location={}", clip.display()))
+        .args(["videotestsrc", "num-buffers=150", "pattern=ball", "motion=wavy"])
+        .args(["foreground-color=0xffffa020", "background-color=0xff182848"])
+        .args(["!", "video/x-raw,width=160,height=120,framerate=15/1"])
+        // At vp8enc's default bitrate the ball smears enough to fool the first window.
+        .args(["!", "vp8enc", "deadline=1", "target-bitrate=2000000", "!", "queue"])
+        .args(["!", "mux.", "audiotestsrc", "num-buffers=500", "samplesperbuffer=960", "wave=sine", "freq=440"])
+        .args(["volume=0.3", "!", "audio/x-raw,rate=48000,channels=2", "!", "opusenc", "!", "queue", "!", "mux."])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let config = dir.path().join("classify.toml");
+    std::fs::write(&config, format!("[model]\npath = \"{}\"\nthreads = 1\n", demo_model().display())).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+        .args(["classify", "--top", "1", "--config"])
+        .arg(&config)
+        .arg("--input")
+        .arg(&clip)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    // 2.56 s windows every 1 s over 10 s: starts 0..7.
+    assert_eq!(lines.len(), 8, "{lines:#?}");
+    let top: Vec<&str> = lines.iter().map(|line| line["top"][0]["label"].as_str().unwrap()).collect();
+    assert!(top.iter().all(|label| *label == "ball_tone"), "{top:?}");
+}
+
+/// Two sources at once: each gets its own events and status; a source whose pipeline errors
+/// mid-run goes offline, is restarted and comes back online while the other runs on untouched.
+#[test]
+fn a_failing_source_restarts_alone_and_two_sources_keep_their_own_events() {
+    let broker = Broker::start("");
+    let subscriber = Subscriber::start(broker.port, "mbt-edge/#");
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    // flaky: the gate scene (bar_beeps) whose video branch posts an error after 90 frames (6 s).
+    let flaky = r#"[[source]]
+name = "flaky"
+kind = "pipeline"
+video_pipeline = "videotestsrc is-live=true pattern=bar foreground-color=0xff40e0ff background-color=0xff202020 horizontal-speed=3 ! video/x-raw,width=160,height=120,framerate=15/1 ! identity error-after=90"
+audio_pipeline = "audiotestsrc is-live=true wave=ticks freq=880 volume=0.4 sine-periods-per-tick=97 tick-interval=400000000 apply-tick-ramp=true ! audio/x-raw,rate=16000,channels=1"
+"#;
+    let sources = format!("{}\n{flaky}", ball_tone_source("steady"));
+    let extra = format!("{DEMO_EVENTS}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
+    let config = write_config(dir.path(), broker.port, &sources, &extra);
+    let daemon = Daemon::start(&config, "run");
+    subscriber.wait_for("flaky back online after its failure", Duration::from_secs(60), |messages| {
+        let flaky = statuses(messages, "flaky");
+        flaky
+            .iter()
+            .position(|status| status == "offline")
+            .is_some_and(|offline| flaky[offline..].contains(&"online".to_string()))
+    });
+    subscriber.wait_for("events from both sources", Duration::from_secs(30), |messages| {
+        let events = events(messages);
+        ["steady", "flaky"].iter().all(|source| events.iter().any(|event| event["source"] == *source))
+    });
+    let (status, metrics) = http_get(metrics_port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+
+    let messages = subscriber.messages();
+    // steady: online, and offline only when the daemon stopped.
+    let steady = statuses(&messages, "steady");
+    assert!(steady.len() <= 2 && steady[0] == "online" && steady[1..].iter().all(|s| s == "offline"), "{steady:?}");
+    assert!(log.contains("source failed; restarting after backoff source=\"flaky\""), "{log}");
+    assert!(!log.contains("source failed; restarting after backoff source=\"steady\""), "{log}");
+    assert_eq!(metric(&metrics, "mbt_edge_source_restarts_total", r#"source="steady""#), Some(0.0), "{metrics}");
+    assert!(metric(&metrics, "mbt_edge_source_restarts_total", r#"source="flaky""#) >= Some(1.0), "{metrics}");
+    let events = events(&messages);
+    for (source, label) in [("steady", "ball_tone"), ("flaky", "bar_beeps")] {
+        let labels: BTreeSet<&str> = events
+            .iter()
+            .filter(|event| event["source"] == source)
+            .map(|event| event["label"].as_str().unwrap())
+            .collect();
+        assert_eq!(labels, BTreeSet::from([label]), "{source}");
+    }
+}
+
+/// A lost microphone (its stream ends at once while the camera goes on) and a lost camera:
+/// status `degraded`, and events go on from the surviving sense, marked `degraded`. One sense
+/// names only its category (ball -> ball_tone or ball_buzz; a sine -> ball_tone or rings_tone),
+/// so this config lowers the threshold to what one sense reaches.
+#[test]
+fn a_lost_sense_gives_degraded_status_and_events_from_the_other_sense() {
+    let broker = Broker::start("");
+    let subscriber = Subscriber::start(broker.port, "mbt-edge/#");
+    let dir = tempfile::tempdir().unwrap();
+    let sources = r#"[[source]]
+name = "mic_gone"
+kind = "pipeline"
+video_pipeline = "videotestsrc is-live=true pattern=ball motion=wavy foreground-color=0xffffa020 background-color=0xff182848 ! video/x-raw,width=160,height=120,framerate=15/1"
+audio_pipeline = "audiotestsrc is-live=true num-buffers=1 ! audio/x-raw,rate=16000,channels=1"
+
+[[source]]
+name = "cam_gone"
+kind = "pipeline"
+video_pipeline = "videotestsrc is-live=true num-buffers=1 ! video/x-raw,width=160,height=120,framerate=15/1"
+audio_pipeline = "audiotestsrc is-live=true wave=sine freq=440 volume=0.3 ! audio/x-raw,rate=16000,channels=1"
+"#;
+    let extra = "[events]\nthreshold = 0.3\noff_threshold = 0.2\nmin_windows = 1\n";
+    let config = write_config(dir.path(), broker.port, sources, extra);
+    let daemon = Daemon::start(&config, "run");
+    subscriber.wait_for("events from both sources", Duration::from_secs(40), |messages| {
+        let events = events(messages);
+        ["mic_gone", "cam_gone"].iter().all(|source| events.iter().any(|event| event["source"] == *source))
+    });
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    let messages = subscriber.messages();
+    for source in ["mic_gone", "cam_gone"] {
+        assert!(statuses(&messages, source).contains(&"degraded".to_string()), "{source}: {messages:?}");
+    }
+    for event in events(&messages).iter().filter(|event| event["type"] == "start") {
+        let label = event["label"].as_str().unwrap();
+        match event["source"].as_str().unwrap() {
+            "mic_gone" => {
+                assert_eq!(event["degraded"], "audio_lost", "{event}");
+                assert!(label.starts_with("ball_"), "the camera sees a ball: {event}");
+                assert!(event["scores"]["audio"].is_null(), "{event}");
+            }
+            _ => {
+                assert_eq!(event["degraded"], "video_lost", "{event}");
+                assert!(label.ends_with("_tone"), "the microphone hears a sine: {event}");
+                assert!(event["scores"]["video"].is_null(), "{event}");
+            }
+        }
+    }
+}
+
+/// The broker goes away for 15 s, then the daemon is SIGKILLed while events wait in its spool,
+/// then both come back: every event seq from 1 on reaches a subscriber, the ones from the
+/// outage marked `replayed`, and the restarted daemon's seqs continue after the old ones.
+#[test]
+fn broker_outage_and_sigkill_lose_no_event_and_seq_continues() {
+    let mut broker = Broker::start("");
+    let first = Subscriber::start(broker.port, "mbt-edge/+/+/events");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, &tour_source(), DEMO_EVENTS);
+    let mut daemon = Daemon::start(&config, "first");
+    first.wait_for("a first event", Duration::from_secs(40), |messages| !messages.is_empty());
+    broker.stop();
+    // The tour changes class every 10 s: events keep coming while the broker is down.
+    let outage = Instant::now();
+    let spool_dir = dir.path().join("spool");
+    let log_has_spooled = |daemon: &Daemon| daemon.log().matches("broker unreachable").count() > 0;
+    std::thread::sleep(Duration::from_secs(15));
+    assert!(log_has_spooled(&daemon), "{}", daemon.log());
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let first_log = daemon.log();
+    drop(daemon);
+    assert!(outage.elapsed() >= Duration::from_secs(15));
+    assert!(std::fs::read_dir(&spool_dir).unwrap().count() > 0);
+
+    broker.resume();
+    let second = Subscriber::start(broker.port, "mbt-edge/+/+/events");
+    let daemon = Daemon::start(&config, "second");
+    // Replayed ones plus at least one fresh event from the restarted daemon.
+    second.wait_for("replayed and fresh events", Duration::from_secs(60), |messages| {
+        let events = events(messages);
+        events.iter().any(|event| event["replayed"] == true) && events.iter().any(|event| event["replayed"] == false)
+    });
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+
+    let mut all = events(&first.messages());
+    all.extend(events(&second.messages()));
+    let seqs: BTreeSet<u64> = all.iter().map(|event| event["seq"].as_u64().unwrap()).collect();
+    let max = *seqs.iter().max().unwrap();
+    let missing: Vec<u64> = (1..=max).filter(|seq| !seqs.contains(seq)).collect();
+    assert!(missing.is_empty(), "lost seqs {missing:?}\nfirst daemon:\n{first_log}\nsecond:\n{log}");
+    let replayed: Vec<u64> =
+        all.iter().filter(|event| event["replayed"] == true).map(|event| event["seq"].as_u64().unwrap()).collect();
+    let fresh_second: Vec<u64> = events(&second.messages())
+        .iter()
+        .filter(|event| event["replayed"] == false)
+        .map(|event| event["seq"].as_u64().unwrap())
+        .collect();
+    assert!(!replayed.is_empty());
+    assert!(
+        fresh_second.iter().min() > replayed.iter().max(),
+        "the restarted daemon's seqs continue after the spooled ones: replayed {replayed:?}, fresh {fresh_second:?}"
+    );
+}
+
+/// Malformed configs and broken models: exit 78 with the file, line and key (or the model file
+/// and what is wrong), never a panic or a backtrace.
+#[test]
+fn malformed_configs_and_models_exit_78_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = demo_model();
+    let truncated = dir.path().join("truncated.onnx");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"this is not an ONNX file\n").unwrap();
+    let base = |model: &Path| format!("[model]\npath = \"{}\"\n", model.display());
+    let ok = base(&model);
+    let test_source = "[[source]]\nname = \"cam\"\nkind = \"test\"\n";
+    // (config text, what the message must contain)
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{ok}\n[windw]\nhop = 1\n"), "config.toml:4:2: key `windw`: unknown key"),
+        (format!("{ok}thread = 2\n"), "config.toml:3:1: key `model.thread`: unknown key"),
+        (format!("{ok}threads = \"two\"\n"), "config.toml:3:11: key `model.threads`: invalid type"),
+        (format!("{ok}threads = 0\n"), "config.toml:3:11: key `model.threads`"),
+        (format!("{ok}\n[window]\nhop = \"1 fortnight\"\n"), "config.toml:5:7: key `window.hop`"),
+        (format!("{ok}\n[window]\nhop = -1\n"), "config.toml:5:7: key `window.hop`"),
+        (format!("{ok}\n[window]\nseconds = 2.0\n"), "key `window.seconds`: 2s differs from the model's window"),
+        (format!("{ok}\n[[source]]\nkind = \"test\"\n"), "key `source[0].name`"),
+        (format!("{ok}\n[[source]]\nname = \"cam\"\nkind = \"webcam\"\n"), "key `source[0].kind`: unknown kind"),
+        (format!("{ok}\n[[source]]\nname = \"cam\"\nkind = \"v4l2\"\n"), "key `source[0].video_device`"),
+        (format!("{ok}\n{test_source}\n{test_source}"), "duplicate source name"),
+        (format!("{ok}\n[[source]]\nname = \"front/door\"\nkind = \"test\"\n"), "key `source[0].name`"),
+        (format!("{ok}\n{test_source}patern = \"ball\"\n"), "key `source[0].patern`: unknown key"),
+        ("[model\npath = \"x.onnx\"\n".to_string(), "config.toml:1:"),
+        (format!("{ok}\n[events]\nthreshold = 1.5\n"), "key `events.threshold`"),
+        (format!("{ok}\n[events]\nthreshold = 0.5\noff_threshold = 0.7\n"), "key `events.off_threshold`"),
+        (format!("{ok}\n[events.labels.\"barking\"]\nthreshold = 0.5\n"), "barking"),
+        (format!("{ok}\n[mqtt]\nurl = \"http://127.0.0.1\"\n"), "key `mqtt.url`"),
+        (format!("{ok}\n[mqtt]\nqos = 2\n"), "key `mqtt.qos`"),
+        (format!("{ok}\n[metrics]\nlisten = \"localhost\"\n"), "key `metrics.listen`"),
+        ("[model]\npath = \"/nonexistent/model.onnx\"\n".to_string(), "key `model.path`"),
+        (base(&truncated), "truncated.onnx"),
+        (base(&garbage), "garbage.onnx"),
+    ];
+    assert!(cases.len() >= 20);
+    for (idx, (text, needle)) in cases.iter().enumerate() {
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, text).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let case = format!("case {idx}:\n{text}\n--- stderr:\n{stderr}");
+        assert_eq!(output.status.code(), Some(78), "{case}");
+        assert!(stderr.contains(needle), "expected {needle:?}; {case}");
+        assert!(stderr.contains("config.toml") || stderr.contains(".onnx"), "{case}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{case}");
+        assert!(stderr.lines().count() <= 3, "one clear message, not a dump: {case}");
+    }
+}
