@@ -295,6 +295,8 @@ fn notify_socket_sees_ready_status_watchdog_and_stopping() {
     let watchdog = position("WATCHDOG=1").unwrap_or_else(|| panic!("no WATCHDOG=1 in {received:?}"));
     let stopping = position("STOPPING=1").unwrap_or_else(|| panic!("no STOPPING=1 in {received:?}"));
     assert!(ready < watchdog && watchdog < stopping, "{received:?}");
+    // READY=1 waits for the source to play; its STATUS= says so.
+    assert_eq!(received.get(ready + 1).map(String::as_str), Some("STATUS=started; yard online"), "{received:?}");
     assert!(
         received.iter().any(|line| line.starts_with("STATUS=healthy") && line.contains("yard online")),
         "{received:?}"

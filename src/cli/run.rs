@@ -136,11 +136,9 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let mut sources = Sources::start(&prepared, &settings.sources, true).map_err(Failure::other)?;
     tracing::info!(sources = settings.sources.len(), "running");
     let notifier = Notifier::from_env();
-    if let Err(err) = notifier.ready_with_status(&format!("starting {} source(s)", settings.sources.len())) {
-        tracing::warn!(error = %err, "sd_notify READY failed");
-    }
     let health_stop = Arc::new(AtomicBool::new(false));
-    let health = spawn_health(notifier, state.clone(), queue.clone(), health_stop.clone());
+    let mut health = None;
+    let starting = Instant::now();
     let mut sink = |stage: &WindowStage, output: StageOutput| match output {
         StageOutput::Window(window) => {
             state.window(&window.source);
@@ -163,8 +161,23 @@ pub fn run(config: &Path) -> Result<(), Failure> {
             let _ = notices_tx.send(Notice::SourceDone { source });
         }
     };
+    // READY=1 once every source is playing or has failed and waits in backoff (it reported a
+    // first status), or after READY_TIMEOUT; the health thread (watchdog pings) starts then.
+    let is_ready = || state.all_reported() || starting.elapsed() >= READY_TIMEOUT;
     loop {
-        sources.run_until(|| stop.load(Ordering::SeqCst) || reload.load(Ordering::SeqCst), &mut sink);
+        let ready_sent = health.is_some();
+        sources.run_until(
+            || stop.load(Ordering::SeqCst) || reload.load(Ordering::SeqCst) || (!ready_sent && is_ready()),
+            &mut sink,
+        );
+        if !ready_sent && !stop.load(Ordering::SeqCst) && is_ready() {
+            let states = state.describe();
+            if let Err(err) = notifier.ready_with_status(&format!("started; {states}")) {
+                tracing::warn!(error = %err, "sd_notify READY failed");
+            }
+            health = Some(spawn_health(notifier, state.clone(), queue.clone(), health_stop.clone()));
+            continue;
+        }
         if stop.load(Ordering::SeqCst) || !reload.swap(false, Ordering::SeqCst) {
             break;
         }
@@ -180,7 +193,7 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     tracing::info!(signal = stop.load(Ordering::SeqCst), "stopping");
     let _ = notifier.stopping();
     health_stop.store(true, Ordering::SeqCst);
-    if let Some(health) = health {
+    if let Some(Some(health)) = health {
         let _ = health.join();
     }
     sources.stop();
@@ -254,7 +267,12 @@ struct SourceState {
     name: String,
     last_window: Option<Instant>,
     status: SourceStatus,
+    /// A first status came from capture: playing, or failed and in backoff.
+    reported: bool,
 }
+
+/// The longest wait for every source's first status before READY=1.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, Default)]
 struct PublisherGauges {
@@ -287,7 +305,7 @@ impl DaemonState {
         *sources = names
             .map(|name| match old.iter().find(|source| source.name == name) {
                 Some(known) => known.clone(),
-                None => SourceState { name, last_window: None, status: SourceStatus::Offline },
+                None => SourceState { name, last_window: None, status: SourceStatus::Offline, reported: false },
             })
             .collect();
         *lock(&self.ready_since) = Instant::now();
@@ -302,7 +320,22 @@ impl DaemonState {
     fn status(&self, source: &str, status: SourceStatus) {
         if let Some(entry) = lock(&self.sources).iter_mut().find(|entry| entry.name == source) {
             entry.status = status;
+            entry.reported = true;
         }
+    }
+
+    fn all_reported(&self) -> bool {
+        lock(&self.sources).iter().all(|source| source.reported)
+    }
+
+    /// `name status, ...` for `STATUS=` lines.
+    fn describe(&self) -> String {
+        let sources = lock(&self.sources);
+        sources
+            .iter()
+            .map(|source| format!("{} {}", source.name, source.status.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -407,22 +440,21 @@ fn spawn_health(
                 stages: &[],
             };
             let verdict = health.check(&input);
-            let states: Vec<String> =
-                snapshot.iter().map(|source| format!("{} {}", source.name, source.status.as_str())).collect();
+            let states = state.describe();
             match &verdict {
                 Verdict::Healthy => {
                     *lock(&state.health) = Ok(());
                     if pings {
                         let _ = notifier.watchdog();
                     }
-                    let _ = notifier.status(&format!("healthy; {}", states.join(", ")));
+                    let _ = notifier.status(&format!("healthy; {states}"));
                     if !last_verdict_healthy {
                         tracing::info!("healthy again; watchdog pings resume");
                     }
                 }
                 Verdict::Unhealthy(problem) => {
                     *lock(&state.health) = Err(problem.to_string());
-                    let _ = notifier.status(&format!("unhealthy: {problem}; {}", states.join(", ")));
+                    let _ = notifier.status(&format!("unhealthy: {problem}; {states}"));
                     if last_verdict_healthy {
                         tracing::warn!(problem = %problem, "unhealthy; watchdog pings stop");
                     }
