@@ -91,6 +91,12 @@ def test_softmax_rewrite_is_exact_for_extreme_logits():
     assert np.isfinite(got).all() and np.allclose(got, want, atol=1e-6)
 
 
+def test_long_rows_keep_tracts_softmax():
+    model = softmax_model(["batch", 12, 4, rw.SOFTMAX_MAX_ROW + 1])
+    assert rw.rewrite_softmax(model) == 0 and ops(model) == ["Softmax"]
+    assert rw.rewrite_softmax(model, max_row=rw.SOFTMAX_MAX_ROW + 1) == 1
+
+
 def test_softmax_on_another_axis_or_symbolic_rows_is_left_alone():
     model = softmax_model([2, 3, 7], axis=1)
     assert rw.rewrite_softmax(model) == 0 and ops(model) == ["Softmax"]
