@@ -54,9 +54,24 @@ fn demo_model_matches_pytorch() {
 }
 
 #[test]
+fn int8_model_matches_its_onnxruntime_outputs() {
+    // The fixture's reference is onnxruntime's int8 arithmetic (rounding differs slightly from
+    // tract's, and on AMX machines the weight matmuls run as the fused op of src/model/int8.rs).
+    check_parity(&repo().join("models/avsynth-edge-int8.onnx"), 2e-2);
+}
+
+#[test]
 fn batches_of_any_size_give_the_same_logits_as_single_windows() {
-    let model = repo().join("models/testdata/mbt-tiny.onnx");
-    let info = ModelInfo::read(&model).unwrap();
+    batches_match_single_windows(&repo().join("models/testdata/mbt-tiny.onnx"));
+}
+
+#[test]
+fn int8_batches_give_the_same_logits_as_single_windows() {
+    batches_match_single_windows(&repo().join("models/avsynth-edge-int8.onnx"));
+}
+
+fn batches_match_single_windows(model: &Path) {
+    let info = ModelInfo::read(model).unwrap();
     let mut runtime = ModelRuntime::load(&info, Runtime::Cpu, 1).unwrap();
     let fixture = model.with_extension("parity");
     let (video_shape, video) = read_npy(&fixture.join("video.npy")).unwrap();

@@ -1,8 +1,10 @@
 //! The model: ONNX file, its metadata and (later) the tract runtime. Only this module knows
 //! tract.
 
+mod int8;
 mod metadata;
 mod runtime;
 
+pub use int8::fuse as fuse_int8;
 pub use metadata::{AudioRecipe, ModelError, ModelInfo, ModelMetadata, VideoRecipe};
 pub use runtime::{Logits, ModelRuntime, probabilities, select_backend};

@@ -96,10 +96,23 @@ impl ModelRuntime {
         let inference = tract_onnx::onnx()
             .model_for_proto_model(&info.proto)
             .map_err(|err| ModelError::NotOnnx { path: info.path.clone(), message: format!("{err:#}") })?;
-        let typed = inference
+        let mut typed = inference
             .into_typed()
             .and_then(|model| model.into_decluttered())
             .map_err(|err| mismatch(format!("tract cannot type the graph: {err:#}")))?;
+        // The int8 weight matmuls of a quantised model as one fused AMX op per input (int8.rs);
+        // a graph without them (any f32 model) is left as it is.
+        if backend.name() == "cpu" && super::int8::available() {
+            let mut fused = typed.clone();
+            match super::int8::fuse(&mut fused, true) {
+                Ok(0) => {}
+                Ok(count) => {
+                    tracing::debug!(count, "int8 matmuls fused for AMX");
+                    typed = fused;
+                }
+                Err(err) => tracing::warn!("int8 matmuls left to tract: {err:#}"),
+            }
+        }
         let input_outlets = typed.input_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
         let output_outlets = typed.output_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
         let input_names: Vec<String> =

@@ -1,0 +1,709 @@
+//! One fused op for the int8 weight matmuls of `avsynth/quantize.py`'s models, on Intel AMX.
+//!
+//! tract runs each quantised matmul of such a model as about ten ops: the activation quantiser
+//! (`Mul`, `Add`, `Max`, `Min`, `Cast` to u8), the int8 einsum (its AMX kernel calls
+//! per 16x16 tile, re-configuring the tiles each call), `Cast` to f32, then the per-channel
+//! `Mul` and the bias `Add`. [`fuse`] replaces every such chain in a decluttered model by one
+//! [`Int8Linear`] node, and all matmuls reading the same quantised tensor (Q, K and V) by one
+//! node with an output each: quantise the rows once into a u8 buffer, run `tdpbusd` over 32x32
+//! output blocks with the tiles configured once per call and the weights packed once at load,
+//! and one pass per block turns the i32 sums into f32 (zero-point correction, channel scale,
+//! bias). The arithmetic is tract's: the same u8 values, exact i32 sums, then the `Mul` and
+//! the `Add` as two f32 roundings, so the outputs are bit-identical (unit tests below).
+//!
+//! Only used where the CPU has AMX-INT8 and the OS grants the tile state (tract asks for it);
+//! a graph without such chains (any f32 model) is left untouched.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cast::Cast;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+/// Whether this machine runs [`Int8Linear`] on AMX (x86_64 with AMX-INT8, tile state granted).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        tract_linalg::x86_64::amx::has_amx_int8()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// K and N granularity of the AMX path: one tile row is 64 bytes of K; output blocks are 32x32.
+const K_BLOCK: usize = 64;
+const N_BLOCK: usize = 32;
+
+/// Weights of one or more matmuls sharing an input, concatenated along N and packed for
+/// `tdpbusd`: per 16 output channels and per 64 values of K, one 1 KiB tile of 16 rows
+/// (4 consecutive k) x 16 channels x 4 bytes.
+#[derive(Debug)]
+struct Weights {
+    k: usize,
+    n: usize,
+    /// Row-major `[k][n]`, for the portable path.
+    plain: Vec<i8>,
+    packed: Vec<i8>,
+    /// Zero point of the input times the column sums of the weights.
+    zp_colsum: Vec<i32>,
+    scale: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Weights {
+    fn new(k: usize, plain: Vec<i8>, zp: u8, scale: Vec<f32>, bias: Vec<f32>) -> Weights {
+        let n = scale.len();
+        debug_assert_eq!(plain.len(), k * n);
+        let mut packed = vec![0i8; k * n];
+        let k_blocks = k / K_BLOCK;
+        for group in 0..n / 16 {
+            for kb in 0..k_blocks {
+                let tile = &mut packed[(group * k_blocks + kb) * 1024..][..1024];
+                for row in 0..16 {
+                    for col in 0..16 {
+                        for t in 0..4 {
+                            let kk = kb * K_BLOCK + row * 4 + t;
+                            tile[row * 64 + col * 4 + t] = plain[kk * n + group * 16 + col];
+                        }
+                    }
+                }
+            }
+        }
+        let zp_colsum =
+            (0..n).map(|col| (0..k).map(|kk| plain[kk * n + col] as i32).sum::<i32>() * zp as i32).collect();
+        Weights { k, n, plain, packed, zp_colsum, scale, bias }
+    }
+}
+
+/// `y_j = (Σ_k (q(x)_k - zp) w_kj) * scale_j + bias_j` for each output `j`, with
+/// `q(x) = Cast<u8>(Min(Max(x * inv_scale + offset, lo), hi))`, over the last axis of `x`.
+#[derive(Clone, Debug)]
+pub struct Int8Linear {
+    inv_scale: f32,
+    offset: f32,
+    lo: f32,
+    hi: f32,
+    /// N of each output, in order; their weights are concatenated in `weights`.
+    outputs: Vec<usize>,
+    weights: Arc<Weights>,
+    amx: bool,
+}
+
+impl PartialEq for Int8Linear {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && self.outputs == other.outputs
+            && [self.inv_scale, self.offset, self.lo, self.hi].map(f32::to_bits)
+                == [other.inv_scale, other.offset, other.lo, other.hi].map(f32::to_bits)
+            && self.amx == other.amx
+    }
+}
+
+impl Eq for Int8Linear {}
+
+impl Op for Int8Linear {
+    fn name(&self) -> StaticName {
+        "Int8Linear".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "k: {} outputs: {:?} amx: {} inv_scale: {} offset: {}",
+            self.weights.k, self.outputs, self.amx, self.inv_scale, self.offset
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Int8Linear {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs[0].try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let shape = inputs[0].shape();
+        let k = self.weights.k;
+        ensure!(shape.last() == Some(&k), "Int8Linear: input shape {shape:?}, K = {k}");
+        let rows = x.len() / k;
+        let mut outputs: Vec<Tensor> = self
+            .outputs
+            .iter()
+            .map(|&n| {
+                let mut out_shape = shape.to_vec();
+                *out_shape.last_mut().unwrap() = n;
+                unsafe { Tensor::uninitialized::<f32>(&out_shape) }
+            })
+            .collect::<TractResult<_>>()?;
+        {
+            let mut views: Vec<_> = outputs.iter_mut().map(|t| t.try_as_plain_ram_mut()).collect::<TractResult<_>>()?;
+            let mut slices: Vec<&mut [f32]> =
+                views.iter_mut().map(|v| v.as_slice_mut::<f32>()).collect::<TractResult<_>>()?;
+            if rows > 0 {
+                #[cfg(target_arch = "x86_64")]
+                if self.amx && available() {
+                    unsafe { self.run_amx(x, rows, &mut slices) };
+                    return Ok(outputs.into_iter().map(|t| t.into_tvalue()).collect());
+                }
+                self.run_portable(x, rows, &mut slices);
+            }
+        }
+        Ok(outputs.into_iter().map(|t| t.into_tvalue()).collect())
+    }
+}
+
+impl TypedOp for Int8Linear {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let fact = inputs[0];
+        ensure!(fact.datum_type == f32::datum_type(), "Int8Linear takes f32");
+        let rank = fact.rank();
+        ensure!(rank >= 1 && fact.shape[rank - 1] == self.weights.k.to_dim(), "Int8Linear: K mismatch");
+        Ok(self
+            .outputs
+            .iter()
+            .map(|&n| {
+                let mut shape = fact.shape.to_tvec();
+                shape[rank - 1] = n.to_dim();
+                f32::fact(shape)
+            })
+            .collect())
+    }
+}
+
+impl Int8Linear {
+    fn quantize(&self, x: f32) -> u8 {
+        (x * self.inv_scale + self.offset).max(self.lo).min(self.hi) as u8
+    }
+
+    /// Which output, and which column in it, the global column `col` is.
+    fn locate(&self, mut col: usize) -> (usize, usize) {
+        for (ix, &n) in self.outputs.iter().enumerate() {
+            if col < n {
+                return (ix, col);
+            }
+            col -= n;
+        }
+        unreachable!("column beyond the weights")
+    }
+
+    fn run_portable(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+        let w = &self.weights;
+        let mut q = vec![0u8; w.k];
+        let mut acc = vec![0i32; w.n];
+        for row in 0..rows {
+            for (q, &x) in q.iter_mut().zip(&x[row * w.k..][..w.k]) {
+                *q = self.quantize(x);
+            }
+            acc.iter_mut().for_each(|a| *a = 0);
+            for (kk, &q) in q.iter().enumerate() {
+                for (a, &w) in acc.iter_mut().zip(&w.plain[kk * w.n..][..w.n]) {
+                    *a = a.wrapping_add(q as i32 * w as i32);
+                }
+            }
+            for (col, &a) in acc.iter().enumerate() {
+                let (o, c) = self.locate(col);
+                let n = self.outputs[o];
+                outputs[o][row * n + c] = (a.wrapping_sub(w.zp_colsum[col]) as f32) * w.scale[col] + w.bias[col];
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_amx(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+        let w = &*self.weights;
+        let k = w.k;
+        let padded_rows = rows.div_ceil(N_BLOCK) * N_BLOCK;
+        QUANTISED.with_borrow_mut(|a| {
+            a.clear();
+            a.resize(padded_rows * k, 0);
+            unsafe { self.quantize_avx512(&x[..rows * k], &mut a[..rows * k]) };
+            let config = TileConfig::new();
+            let mut block = Block([0; N_BLOCK * N_BLOCK]);
+            let k_blocks = k / K_BLOCK;
+            unsafe {
+                std::arch::asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
+            }
+            let mut col0 = 0;
+            for (o, &n) in self.outputs.iter().enumerate() {
+                for local in (0..n).step_by(N_BLOCK) {
+                    let col = col0 + local;
+                    let b0 = w.packed[(col / 16) * k_blocks * 1024..].as_ptr();
+                    let b1 = w.packed[(col / 16 + 1) * k_blocks * 1024..].as_ptr();
+                    for row0 in (0..padded_rows).step_by(N_BLOCK) {
+                        let a0 = a[row0 * k..].as_ptr();
+                        let a1 = a[(row0 + 16) * k..].as_ptr();
+                        unsafe { tile_block(a0, a1, k, b0, b1, k_blocks, block.0.as_mut_ptr()) };
+                        let zp = &w.zp_colsum[col..col + N_BLOCK];
+                        let scale = &w.scale[col..col + N_BLOCK];
+                        let bias = &w.bias[col..col + N_BLOCK];
+                        let out = &mut outputs[o][row0 * n + local..];
+                        unsafe { epilogue(&block, N_BLOCK.min(rows - row0), zp, scale, bias, out, n) };
+                    }
+                }
+                col0 += n;
+            }
+            unsafe {
+                std::arch::asm!("tilerelease", options(nostack, nomem));
+            }
+        })
+    }
+}
+
+impl Int8Linear {
+    /// [`Int8Linear::quantize`] over `x` into `q`, 16 lanes at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn quantize_avx512(&self, x: &[f32], q: &mut [u8]) {
+        use std::arch::x86_64::*;
+        let (inv, off, lo, hi) = (
+            _mm512_set1_ps(self.inv_scale),
+            _mm512_set1_ps(self.offset),
+            _mm512_set1_ps(self.lo),
+            _mm512_set1_ps(self.hi),
+        );
+        let whole = x.len() / 16 * 16;
+        for (x, q) in x[..whole].chunks_exact(16).zip(q[..whole].chunks_exact_mut(16)) {
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr());
+                // max(v, lo) and min(v, hi) with the variable first: a NaN gives the bound,
+                // as f32::max / f32::min do.
+                let v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), off), lo), hi);
+                let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v));
+                _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, bytes);
+            }
+        }
+        for (q, &x) in q[whole..].iter_mut().zip(&x[whole..]) {
+            *q = self.quantize(x);
+        }
+    }
+}
+
+/// The first `rows` rows of a 32x32 i32 block to f32 into `out` (row stride `n`):
+/// `(acc - zp) * scale + bias`, the product and the sum rounded separately as tract does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn epilogue(block: &Block, rows: usize, zp: &[i32], scale: &[f32], bias: &[f32], out: &mut [f32], n: usize) {
+    use std::arch::x86_64::*;
+    assert!(zp.len() >= N_BLOCK && scale.len() >= N_BLOCK && bias.len() >= N_BLOCK);
+    assert!(rows == 0 || out.len() >= (rows - 1) * n + N_BLOCK);
+    unsafe {
+        for half in 0..2 {
+            let zp = _mm512_loadu_si512(zp[half * 16..].as_ptr() as *const _);
+            let scale = _mm512_loadu_ps(scale[half * 16..].as_ptr());
+            let bias = _mm512_loadu_ps(bias[half * 16..].as_ptr());
+            for r in 0..rows {
+                let acc = _mm512_load_si512(block.0[r * N_BLOCK + half * 16..].as_ptr() as *const _);
+                let y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, zp)), scale), bias);
+                _mm512_storeu_ps(out.as_mut_ptr().add(r * n + half * 16), y);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The quantised rows, padded to a multiple of 32 rows (reused between calls).
+    static QUANTISED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[repr(C, align(64))]
+struct Block([i32; N_BLOCK * N_BLOCK]);
+
+/// `ldtilecfg` operand: palette 1, tiles 0-7 of 16 rows x 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+    reserved2: [u8; 16],
+}
+
+impl TileConfig {
+    fn new() -> TileConfig {
+        let mut config = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+            reserved2: [0; 16],
+        };
+        for tile in 0..8 {
+            config.colsb[tile] = 64;
+            config.rows[tile] = 16;
+        }
+        config
+    }
+}
+
+/// One 32x32 i32 block of `A . B` into `c` (row stride 32): `a0`, `a1` the two 16-row halves
+/// of A (u8, row stride `stride_a` bytes), `b0`, `b1` the packed tiles of two 16-column groups
+/// of B (s8), `k_blocks` tiles of 64 k each. Tiles must be configured (`ldtilecfg`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn tile_block(
+    a0: *const u8,
+    a1: *const u8,
+    stride_a: usize,
+    b0: *const i8,
+    b1: *const i8,
+    k_blocks: usize,
+    c: *mut i32,
+) {
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "mov {s}, 64",
+            "2:",
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tileloadd tmm7, [{b1} + {s}*1]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tdpbusd tmm1, tmm4, tmm7",
+            "tdpbusd tmm2, tmm5, tmm6",
+            "tdpbusd tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {kb}",
+            "jnz 2b",
+            "mov {s}, 128",
+            "tilestored [{c} + {s}*1], tmm0",
+            "lea {t}, [{c} + 64]",
+            "tilestored [{t} + {s}*1], tmm1",
+            "lea {t}, [{c} + 2048]",
+            "tilestored [{t} + {s}*1], tmm2",
+            "lea {t}, [{c} + 2112]",
+            "tilestored [{t} + {s}*1], tmm3",
+            a0 = inout(reg) a0 => _,
+            a1 = inout(reg) a1 => _,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            kb = inout(reg) k_blocks => _,
+            sa = in(reg) stride_a,
+            c = in(reg) c,
+            s = out(reg) _,
+            t = out(reg) _,
+            options(nostack),
+        );
+    }
+}
+
+/// The non-const input of a binary op `kind` whose other input is a constant, and that constant.
+fn bin_with_const<'m>(model: &'m TypedModel, node: &TypedNode, kind: &str) -> Option<(OutletId, &'m Arc<Tensor>)> {
+    let op = node.op_as::<TypedBinOp>()?;
+    if op.0.name() != kind || node.inputs.len() != 2 {
+        return None;
+    }
+    for (var, konst) in [(0, 1), (1, 0)] {
+        if let Some(value) = model.outlet_fact(node.inputs[konst]).ok()?.konst.as_ref() {
+            return Some((node.inputs[var], value));
+        }
+    }
+    None
+}
+
+fn scalar_f32(t: &Tensor) -> Option<f32> {
+    if t.len() != 1 || t.datum_type() != f32::datum_type() {
+        return None;
+    }
+    t.cast_to_scalar::<f32>().ok()
+}
+
+/// The only consumer of `node`'s single output, if there is exactly one.
+fn single_successor(model: &TypedModel, node: usize) -> Option<&TypedNode> {
+    let node = model.node(node);
+    if node.outputs.len() != 1 || node.outputs[0].successors.len() != 1 {
+        return None;
+    }
+    Some(model.node(node.outputs[0].successors[0].node))
+}
+
+fn const_of(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
+    model.outlet_fact(outlet).ok()?.konst.clone()
+}
+
+/// One quantised matmul chain after the u8 cast: `(weights [k][n], zp, scale, bias, output)`.
+type Chain = (Vec<i8>, u8, Vec<f32>, Vec<f32>, OutletId);
+
+fn match_chain(model: &TypedModel, einsum: &TypedNode, cast_u8: usize, k: usize) -> Option<(usize, Chain)> {
+    let op = einsum.op_as::<EinSum>()?;
+    if format!("{op:?}") != "EinSum amk,kn,,,,,,,->amn (I32)" || einsum.inputs.len() != 9 {
+        return None;
+    }
+    if einsum.inputs[0] != OutletId::new(cast_u8, 0) {
+        return None;
+    }
+    let w = const_of(model, einsum.inputs[1])?;
+    if w.datum_type() != i8::datum_type() || w.rank() != 2 || w.shape()[0] != k {
+        return None;
+    }
+    let n = w.shape()[1];
+    let params: Vec<Arc<Tensor>> = (2..9).map(|ix| const_of(model, einsum.inputs[ix])).collect::<Option<_>>()?;
+    // bias, a0, a_scale, b0, b_scale, c0, c_scale: only a0 (the input's zero point) may be set.
+    let is_int = |t: &Tensor, v: i64| t.len() == 1 && t.cast_to_scalar::<i64>().ok() == Some(v);
+    let is_float = |t: &Tensor, v: f32| t.len() == 1 && t.cast_to_scalar::<f32>().ok() == Some(v);
+    if !(is_int(&params[0], 0)
+        && params[1].datum_type() == u8::datum_type()
+        && params[1].len() == 1
+        && is_float(&params[2], 1.0)
+        && is_int(&params[3], 0)
+        && is_float(&params[4], 1.0)
+        && is_int(&params[5], 0)
+        && is_float(&params[6], 1.0))
+    {
+        return None;
+    }
+    let zp = *params[1].try_as_plain_ram().ok()?.to_scalar::<u8>().ok()?;
+    let cast = single_successor(model, einsum.id)?;
+    if cast.op_as::<Cast>()?.to != f32::datum_type() {
+        return None;
+    }
+    let mul = single_successor(model, cast.id)?;
+    let (_, scale) = bin_with_const(model, mul, "Mul")?;
+    let add = single_successor(model, mul.id)?;
+    let (_, bias) = bin_with_const(model, add, "Add")?;
+    let per_channel = |t: &Tensor| -> Option<Vec<f32>> {
+        if t.datum_type() != f32::datum_type() || t.shape().iter().rev().skip(1).any(|&d| d != 1) {
+            return None;
+        }
+        let values = t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec();
+        match values.len() {
+            1 => Some(vec![values[0]; n]),
+            len if len == n => Some(values),
+            _ => None,
+        }
+    };
+    let (scale, bias) = (per_channel(scale)?, per_channel(bias)?);
+    let out_fact = model.outlet_fact(OutletId::new(add.id, 0)).ok()?;
+    if out_fact.datum_type != f32::datum_type() || out_fact.rank() != 3 {
+        return None;
+    }
+    let weights = w.try_as_plain_ram().ok()?.as_slice::<i8>().ok()?.to_vec();
+    Some((add.id, (weights, zp, scale, bias, OutletId::new(add.id, 0))))
+}
+
+/// The fusable group reading the u8 cast `cast_u8`: `(x, op, outputs to replace)`.
+fn match_group(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(OutletId, Int8Linear, Vec<OutletId>)> {
+    if cast_u8.op_as::<Cast>()?.to != u8::datum_type() {
+        return None;
+    }
+    let min = model.node(cast_u8.inputs[0].node);
+    let (max_out, hi) = bin_with_const(model, min, "Min")?;
+    let max = model.node(max_out.node);
+    let (add_out, lo) = bin_with_const(model, max, "Max")?;
+    let add = model.node(add_out.node);
+    let (mul_out, offset) = bin_with_const(model, add, "Add")?;
+    let mul = model.node(mul_out.node);
+    let (x, inv_scale) = bin_with_const(model, mul, "Mul")?;
+    let (hi, lo, offset, inv_scale) = (scalar_f32(hi)?, scalar_f32(lo)?, scalar_f32(offset)?, scalar_f32(inv_scale)?);
+    // `as u8` is tract's cast only where the clipped values are in [0, 256).
+    if !(lo >= 0.0 && hi < 256.0 && lo <= hi) {
+        return None;
+    }
+    let x_fact = model.outlet_fact(x).ok()?;
+    if x_fact.datum_type != f32::datum_type() || x_fact.rank() != 3 {
+        return None;
+    }
+    let k = x_fact.shape[2].to_usize().ok()?;
+    if amx && k % K_BLOCK != 0 {
+        return None;
+    }
+    let successors = &cast_u8.outputs[0].successors;
+    let mut chains = Vec::new();
+    for succ in successors {
+        let (_, chain) = match_chain(model, model.node(succ.node), cast_u8.id, k)?;
+        chains.push(chain);
+    }
+    if chains.is_empty() || chains.iter().any(|c| c.1 != chains[0].1 || (amx && c.2.len() % N_BLOCK != 0)) {
+        return None;
+    }
+    let zp = chains[0].1;
+    let n_total: usize = chains.iter().map(|c| c.2.len()).sum();
+    let mut plain = vec![0i8; k * n_total];
+    let (mut scale, mut bias, mut outputs, mut replaced) = (vec![], vec![], vec![], vec![]);
+    let mut col0 = 0;
+    for (w, _, s, b, out) in chains {
+        let n = s.len();
+        for kk in 0..k {
+            plain[kk * n_total + col0..][..n].copy_from_slice(&w[kk * n..][..n]);
+        }
+        scale.extend(s);
+        bias.extend(b);
+        outputs.push(n);
+        replaced.push(out);
+        col0 += n;
+    }
+    let weights = Arc::new(Weights::new(k, plain, zp, scale, bias));
+    Some((x, Int8Linear { inv_scale, offset, lo, hi, outputs, weights, amx }, replaced))
+}
+
+/// Replaces each quantised weight-matmul group of a decluttered model by one [`Int8Linear`];
+/// returns how many were replaced. `amx`: run them on AMX (see [`available`]); false keeps
+/// the portable path (tests). The op checks [`available`] again before each AMX call.
+pub fn fuse(model: &mut TypedModel, amx: bool) -> TractResult<usize> {
+    let mut fused = 0;
+    loop {
+        let mut found = None;
+        for id in model.eval_order()? {
+            if let Some(group) = match_group(model, model.node(id), amx) {
+                found = Some((id, group));
+                break;
+            }
+        }
+        let Some((id, (x, op, replaced))) = found else { break };
+        let name = format!("{}.int8_linear", model.node(id).name);
+        let mut patch = TypedModelPatch::default();
+        let tap = patch.tap_model(model, x)?;
+        let outs = patch.wire_node(name, op, &[tap])?;
+        for (old, new) in replaced.iter().zip(outs) {
+            patch.shunt_outside(model, *old, new)?;
+        }
+        patch.apply(model)?;
+        model.compact()?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::{cast::cast, einsum::EinSum, math};
+
+    /// A small deterministic generator (no dependency).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    fn konst(model: &mut TypedModel, name: &str, t: Tensor) -> OutletId {
+        model.add_const(name, t).unwrap()
+    }
+
+    /// tract's form of `quantize.py`'s chain: x -> u8 quantiser -> one int8 matmul per
+    /// `ns` entry (per-channel scale, bias), every output a model output.
+    fn chain(shape: [usize; 3], ns: &[usize], seed: u64) -> TypedModel {
+        let mut rng = Lcg(seed);
+        let k = shape[2];
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(shape)).unwrap();
+        let scalar = |v: f32| tensor3(&[[[v]]]);
+        let inv = konst(&mut model, "inv", scalar(31.3));
+        let off = konst(&mut model, "off", scalar(121.5));
+        let lo = konst(&mut model, "lo", scalar(0.0));
+        let hi = konst(&mut model, "hi", scalar(255.25));
+        let y = model.wire_node("q.mul", math::mul(), &[x, inv]).unwrap()[0];
+        let y = model.wire_node("q.add", math::add(), &[y, off]).unwrap()[0];
+        let y = model.wire_node("q.max", math::max(), &[y, lo]).unwrap()[0];
+        let y = model.wire_node("q.min", math::min(), &[y, hi]).unwrap()[0];
+        let q = model.wire_node("q.cast", cast(u8::datum_type()), &[y]).unwrap()[0];
+        let zero_i32 = konst(&mut model, "zero_i32", tensor0(0i32));
+        let one = konst(&mut model, "one", tensor0(1f32));
+        let zp = konst(&mut model, "zp", tensor0(121u8));
+        let mut outputs = vec![];
+        for (ix, &n) in ns.iter().enumerate() {
+            let w: Vec<i8> = (0..k * n).map(|_| (rng.next() * 127.0) as i8).collect();
+            let w = konst(&mut model, &format!("w{ix}"), tensor1(&w).into_shape(&[k, n]).unwrap());
+            let einsum = EinSum::newq("amk,kn,,,,,,,->amn".parse().unwrap(), i32::datum_type(), i32::datum_type());
+            let acc = model
+                .wire_node(format!("mm{ix}"), einsum, &[q, w, zero_i32, zp, one, zero_i32, one, zero_i32, one])
+                .unwrap()[0];
+            let f = model.wire_node(format!("mm{ix}.cast"), cast(f32::datum_type()), &[acc]).unwrap()[0];
+            let scale: Vec<f32> = (0..n).map(|_| (rng.next().abs() + 0.5) * 3e-5).collect();
+            let scale = konst(&mut model, &format!("scale{ix}"), tensor1(&scale).into_shape(&[1, 1, n]).unwrap());
+            let bias: Vec<f32> = (0..n).map(|_| rng.next() * 0.02).collect();
+            let bias = konst(&mut model, &format!("bias{ix}"), tensor1(&bias).into_shape(&[1, 1, n]).unwrap());
+            let f = model.wire_node(format!("mm{ix}.mul"), math::mul(), &[f, scale]).unwrap()[0];
+            let f = model.wire_node(format!("mm{ix}.add"), math::add(), &[bias, f]).unwrap()[0];
+            outputs.push(f);
+        }
+        model.select_output_outlets(&outputs).unwrap();
+        model
+    }
+
+    fn run(model: TypedModel, x: &Tensor) -> Vec<Tensor> {
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        plan.run(tvec!(x.clone().into_tvalue())).unwrap().into_iter().map(|t| t.into_tensor()).collect()
+    }
+
+    /// The fused op against tract's own optimized plan of the same graph: equal within one f32
+    /// rounding of the largest output (in practice bit-identical).
+    fn check(shape: [usize; 3], ns: &[usize], amx: bool) {
+        let model = chain(shape, ns, 7);
+        let mut rng = Lcg(11);
+        let len = shape.iter().product();
+        // Activations as a LayerNorm leaves them, a few past the calibrated range (clipped).
+        let x: Vec<f32> = (0..len).map(|_| rng.next() * 5.0).collect();
+        let x = tensor1(&x).into_shape(&shape).unwrap();
+        let mut fused = model.clone();
+        assert_eq!(fuse(&mut fused, amx).unwrap(), 1, "one group");
+        assert!(fused.nodes.iter().all(|n| n.op_as::<EinSum>().is_none()), "einsums replaced");
+        let want = run(model, &x);
+        let got = run(fused, &x);
+        assert_eq!(want.len(), got.len());
+        for (want, got) in want.iter().zip(&got) {
+            assert_eq!(want.shape(), got.shape());
+            let want = want.try_as_plain_ram().unwrap();
+            let want = want.as_slice::<f32>().unwrap();
+            let got = got.try_as_plain_ram().unwrap();
+            let got = got.as_slice::<f32>().unwrap();
+            let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = want.iter().zip(got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= largest * f32::EPSILON, "worst {worst} (largest {largest})");
+        }
+    }
+
+    #[test]
+    fn qkv_group_matches_tract() {
+        check([1, 129, 128], &[128, 128, 128], false);
+        if available() {
+            check([1, 129, 128], &[128, 128, 128], true);
+        }
+    }
+
+    #[test]
+    fn long_k_and_batches_match_tract() {
+        check([2, 133, 512], &[128], false);
+        check([3, 4, 128], &[512], false);
+        if available() {
+            check([2, 133, 512], &[128], true);
+            check([3, 4, 128], &[512], true);
+            check([1, 1, 64], &[32], true);
+        }
+    }
+
+    #[test]
+    fn f32_matmuls_and_other_shapes_are_left_alone() {
+        // An N that is not a multiple of 32 is not taken for AMX.
+        let mut model = chain([1, 16, 128], &[48], 3);
+        if available() {
+            assert_eq!(fuse(&mut model, true).unwrap(), 0);
+        }
+        // A plain f32 matmul is never touched.
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 8, 64])).unwrap();
+        let w = konst(&mut model, "w", Tensor::zero::<f32>(&[64, 32]).unwrap());
+        let y = model.wire_node("mm", EinSum::new("amk,kn->amn".parse().unwrap(), f32::datum_type()), &[x, w]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let before = format!("{model:?}");
+        assert_eq!(fuse(&mut model, true).unwrap(), 0);
+        assert_eq!(format!("{model:?}"), before);
+    }
+}
