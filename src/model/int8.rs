@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -439,12 +440,12 @@ fn const_of(model: &TypedModel, outlet: OutletId) -> Option<Arc<Tensor>> {
 /// One quantised matmul chain after the u8 cast: `(weights [k][n], zp, scale, bias, output)`.
 type Chain = (Vec<i8>, u8, Vec<f32>, Vec<f32>, OutletId);
 
-fn match_chain(model: &TypedModel, einsum: &TypedNode, cast_u8: usize, k: usize) -> Option<(usize, Chain)> {
+fn match_chain(model: &TypedModel, einsum: &TypedNode, input: OutletId, k: usize) -> Option<Chain> {
     let op = einsum.op_as::<EinSum>()?;
     if format!("{op:?}") != "EinSum amk,kn,,,,,,,->amn (I32)" || einsum.inputs.len() != 9 {
         return None;
     }
-    if einsum.inputs[0] != OutletId::new(cast_u8, 0) {
+    if einsum.inputs[0] != input {
         return None;
     }
     let w = const_of(model, einsum.inputs[1])?;
@@ -493,11 +494,20 @@ fn match_chain(model: &TypedModel, einsum: &TypedNode, cast_u8: usize, k: usize)
         return None;
     }
     let weights = w.try_as_plain_ram().ok()?.as_slice::<i8>().ok()?.to_vec();
-    Some((add.id, (weights, zp, scale, bias, OutletId::new(add.id, 0))))
+    Some((weights, zp, scale, bias, OutletId::new(add.id, 0)))
 }
 
-/// The fusable group reading the u8 cast `cast_u8`: `(x, op, outputs to replace)`.
-fn match_group(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(OutletId, Int8Linear, Vec<OutletId>)> {
+/// Matmuls reading one quantised tensor, or one row range of it (tract splits the fusion
+/// layers' matmuls over the token axis): one [`Int8Linear`] on `x` (sliced like the u8 tensor).
+struct Group {
+    slice: Option<Slice>,
+    op: Int8Linear,
+    replaced: Vec<OutletId>,
+}
+
+/// The groups reading the u8 cast `cast_u8` and their f32 input, if every consumer of the
+/// cast is such a matmul (or a row slice feeding only such matmuls).
+fn match_groups(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(OutletId, Vec<Group>)> {
     if cast_u8.op_as::<Cast>()?.to != u8::datum_type() {
         return None;
     }
@@ -522,33 +532,52 @@ fn match_group(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(Ou
     if amx && k % K_BLOCK != 0 {
         return None;
     }
-    let successors = &cast_u8.outputs[0].successors;
-    let mut chains = Vec::new();
-    for succ in successors {
-        let (_, chain) = match_chain(model, model.node(succ.node), cast_u8.id, k)?;
-        chains.push(chain);
-    }
-    if chains.is_empty() || chains.iter().any(|c| c.1 != chains[0].1 || (amx && c.2.len() % N_BLOCK != 0)) {
-        return None;
-    }
-    let zp = chains[0].1;
-    let n_total: usize = chains.iter().map(|c| c.2.len()).sum();
-    let mut plain = vec![0i8; k * n_total];
-    let (mut scale, mut bias, mut outputs, mut replaced) = (vec![], vec![], vec![], vec![]);
-    let mut col0 = 0;
-    for (w, _, s, b, out) in chains {
-        let n = s.len();
-        for kk in 0..k {
-            plain[kk * n_total + col0..][..n].copy_from_slice(&w[kk * n..][..n]);
+    let mut sets: Vec<(Option<Slice>, Vec<Chain>)> = vec![(None, vec![])];
+    for succ in &cast_u8.outputs[0].successors {
+        let node = model.node(succ.node);
+        if let Some(slice) = node.op_as::<Slice>() {
+            if slice.axis >= 2 || node.outputs[0].successors.is_empty() {
+                return None;
+            }
+            let chains = node.outputs[0]
+                .successors
+                .iter()
+                .map(|s| match_chain(model, model.node(s.node), OutletId::new(node.id, 0), k))
+                .collect::<Option<Vec<_>>>()?;
+            sets.push((Some(slice.clone()), chains));
+        } else {
+            sets[0].1.push(match_chain(model, node, OutletId::new(cast_u8.id, 0), k)?);
         }
-        scale.extend(s);
-        bias.extend(b);
-        outputs.push(n);
-        replaced.push(out);
-        col0 += n;
     }
-    let weights = Arc::new(Weights::new(k, plain, zp, scale, bias));
-    Some((x, Int8Linear { inv_scale, offset, lo, hi, outputs, weights, amx }, replaced))
+    let mut groups = vec![];
+    for (slice, chains) in sets {
+        if chains.is_empty() {
+            continue;
+        }
+        if chains.iter().any(|c| c.1 != chains[0].1 || (amx && c.2.len() % N_BLOCK != 0)) {
+            return None;
+        }
+        let zp = chains[0].1;
+        let n_total: usize = chains.iter().map(|c| c.2.len()).sum();
+        let mut plain = vec![0i8; k * n_total];
+        let (mut scale, mut bias, mut outputs, mut replaced) = (vec![], vec![], vec![], vec![]);
+        let mut col0 = 0;
+        for (w, _, s, b, out) in chains {
+            let n = s.len();
+            for kk in 0..k {
+                plain[kk * n_total + col0..][..n].copy_from_slice(&w[kk * n..][..n]);
+            }
+            scale.extend(s);
+            bias.extend(b);
+            outputs.push(n);
+            replaced.push(out);
+            col0 += n;
+        }
+        let weights = Arc::new(Weights::new(k, plain, zp, scale, bias));
+        let op = Int8Linear { inv_scale, offset, lo, hi, outputs, weights, amx };
+        groups.push(Group { slice, op, replaced });
+    }
+    (!groups.is_empty()).then_some((x, groups))
 }
 
 /// Replaces each quantised weight-matmul group of a decluttered model by one [`Int8Linear`];
@@ -559,22 +588,28 @@ pub fn fuse(model: &mut TypedModel, amx: bool) -> TractResult<usize> {
     loop {
         let mut found = None;
         for id in model.eval_order()? {
-            if let Some(group) = match_group(model, model.node(id), amx) {
-                found = Some((id, group));
+            if let Some(groups) = match_groups(model, model.node(id), amx) {
+                found = Some((id, groups));
                 break;
             }
         }
-        let Some((id, (x, op, replaced))) = found else { break };
-        let name = format!("{}.int8_linear", model.node(id).name);
+        let Some((id, (x, groups))) = found else { break };
+        let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::default();
         let tap = patch.tap_model(model, x)?;
-        let outs = patch.wire_node(name, op, &[tap])?;
-        for (old, new) in replaced.iter().zip(outs) {
-            patch.shunt_outside(model, *old, new)?;
+        for (ix, group) in groups.into_iter().enumerate() {
+            let input = match group.slice {
+                Some(slice) => patch.wire_node(format!("{name}.int8_slice{ix}"), slice, &[tap])?[0],
+                None => tap,
+            };
+            let outs = patch.wire_node(format!("{name}.int8_linear{ix}"), group.op, &[input])?;
+            for (old, new) in group.replaced.iter().zip(outs) {
+                patch.shunt_outside(model, *old, new)?;
+            }
+            fused += 1;
         }
         patch.apply(model)?;
         model.compact()?;
-        fused += 1;
     }
     Ok(fused)
 }
@@ -599,7 +634,7 @@ mod tests {
 
     /// tract's form of `quantize.py`'s chain: x -> u8 quantiser -> one int8 matmul per
     /// `ns` entry (per-channel scale, bias), every output a model output.
-    fn chain(shape: [usize; 3], ns: &[usize], seed: u64) -> TypedModel {
+    fn chain(shape: [usize; 3], ns: &[(Option<(usize, usize)>, usize)], seed: u64) -> TypedModel {
         let mut rng = Lcg(seed);
         let k = shape[2];
         let mut model = TypedModel::default();
@@ -618,12 +653,19 @@ mod tests {
         let one = konst(&mut model, "one", tensor0(1f32));
         let zp = konst(&mut model, "zp", tensor0(121u8));
         let mut outputs = vec![];
-        for (ix, &n) in ns.iter().enumerate() {
+        for (ix, &(rows, n)) in ns.iter().enumerate() {
+            let input = match rows {
+                Some((start, end)) => {
+                    let slice = Slice::new(1, start, end);
+                    model.wire_node(format!("slice{ix}"), slice, &[q]).unwrap()[0]
+                }
+                None => q,
+            };
             let w: Vec<i8> = (0..k * n).map(|_| (rng.next() * 127.0) as i8).collect();
             let w = konst(&mut model, &format!("w{ix}"), tensor1(&w).into_shape(&[k, n]).unwrap());
             let einsum = EinSum::newq("amk,kn,,,,,,,->amn".parse().unwrap(), i32::datum_type(), i32::datum_type());
             let acc = model
-                .wire_node(format!("mm{ix}"), einsum, &[q, w, zero_i32, zp, one, zero_i32, one, zero_i32, one])
+                .wire_node(format!("mm{ix}"), einsum, &[input, w, zero_i32, zp, one, zero_i32, one, zero_i32, one])
                 .unwrap()[0];
             let f = model.wire_node(format!("mm{ix}.cast"), cast(f32::datum_type()), &[acc]).unwrap()[0];
             let scale: Vec<f32> = (0..n).map(|_| (rng.next().abs() + 0.5) * 3e-5).collect();
@@ -645,7 +687,7 @@ mod tests {
 
     /// The fused op against tract's own optimized plan of the same graph: equal within one f32
     /// rounding of the largest output (in practice bit-identical).
-    fn check(shape: [usize; 3], ns: &[usize], amx: bool) {
+    fn check(shape: [usize; 3], ns: &[(Option<(usize, usize)>, usize)], groups: usize, amx: bool) {
         let model = chain(shape, ns, 7);
         let mut rng = Lcg(11);
         let len = shape.iter().product();
@@ -653,7 +695,7 @@ mod tests {
         let x: Vec<f32> = (0..len).map(|_| rng.next() * 5.0).collect();
         let x = tensor1(&x).into_shape(&shape).unwrap();
         let mut fused = model.clone();
-        assert_eq!(fuse(&mut fused, amx).unwrap(), 1, "one group");
+        assert_eq!(fuse(&mut fused, amx).unwrap(), groups);
         assert!(fused.nodes.iter().all(|n| n.op_as::<EinSum>().is_none()), "einsums replaced");
         let want = run(model, &x);
         let got = run(fused, &x);
@@ -670,29 +712,43 @@ mod tests {
         }
     }
 
+    const ALL: Option<(usize, usize)> = None;
+
     #[test]
     fn qkv_group_matches_tract() {
-        check([1, 129, 128], &[128, 128, 128], false);
+        let qkv = [(ALL, 128), (ALL, 128), (ALL, 128)];
+        check([1, 129, 128], &qkv, 1, false);
         if available() {
-            check([1, 129, 128], &[128, 128, 128], true);
+            check([1, 129, 128], &qkv, 1, true);
         }
     }
 
     #[test]
     fn long_k_and_batches_match_tract() {
-        check([2, 133, 512], &[128], false);
-        check([3, 4, 128], &[512], false);
+        check([2, 133, 512], &[(ALL, 128)], 1, false);
+        check([3, 4, 128], &[(ALL, 512)], 1, false);
         if available() {
-            check([2, 133, 512], &[128], true);
-            check([3, 4, 128], &[512], true);
-            check([1, 1, 64], &[32], true);
+            check([2, 133, 512], &[(ALL, 128)], 1, true);
+            check([3, 4, 128], &[(ALL, 512)], 1, true);
+            check([1, 1, 64], &[(ALL, 32)], 1, true);
+        }
+    }
+
+    #[test]
+    fn row_slices_of_the_quantised_input_match_tract() {
+        // A fusion layer as tract splits it: K and V over all 133 tokens, Q over 0..129 and
+        // 129..133 apart.
+        let layer = [(ALL, 128), (Some((0, 129)), 128), (ALL, 128), (Some((129, 133)), 128)];
+        check([1, 133, 128], &layer, 3, false);
+        if available() {
+            check([2, 133, 128], &layer, 3, true);
         }
     }
 
     #[test]
     fn f32_matmuls_and_other_shapes_are_left_alone() {
         // An N that is not a multiple of 32 is not taken for AMX.
-        let mut model = chain([1, 16, 128], &[48], 3);
+        let mut model = chain([1, 16, 128], &[(ALL, 48)], 3);
         if available() {
             assert_eq!(fuse(&mut model, true).unwrap(), 0);
         }
