@@ -14,7 +14,9 @@ What it does to the graph, and why (measured with tract 0.23.9, models/README.md
    by (activation scale x channel scale); the bias `Add` stays. Each distinct matmul input is
    quantised once as `Cast<u8>(Clip(x * 1/s + zp + 0.5, 0, 255.25))` with s and zp calibrated
    (min/max) on training windows. tract lowers `MatMulInteger` to its AMX/VNNI int8 kernel and
-   fuses the zero-point correction into it; the `Cast`/`Mul` after it are cheap vectorised ops.
+   fuses the zero-point correction into it. On CPUs with AMX the daemon replaces each such chain
+   (quantiser, `MatMulInteger`, `Cast`, `Mul`, bias `Add`) by one fused op (src/model/int8.rs,
+   about 2x the f32 model's speed); keep this form, or update that file's matcher with it.
    Not `QuantizeLinear`: tract runs it as scalar code with a branchy ties-to-even rounding,
    about 3x the cost of the `Cast` here. Not `QLinearMatMul`: same kernel, one more 8-bit
    rounding of the output, no faster. Not per-tensor-only: with `MatMulInteger` the per-channel
