@@ -153,19 +153,27 @@ fn print_table(report: &Report) {
         report.hop_seconds, report.preprocess.median_ms, report.preprocess.p90_ms
     );
     println!(
-        "{:<28} {:>5} {:>12} {:>12} {:>14} {:>12}",
-        "model", "batch", "median ms", "p90 ms", "ms per window", "windows/s"
+        "{:<28} {:>5} {:>12} {:>12} {:>14} {:>12} {:>9}",
+        "model file", "batch", "median ms", "p90 ms", "ms per window", "windows/s", "speed-up"
     );
+    let first = report.models.first();
     for model in &report.models {
+        let file = Path::new(&model.path).file_name().map_or(model.name.clone(), |f| f.to_string_lossy().into_owned());
         for batch in &model.batches {
+            // Against the first model (the config's) at the same batch size, for `--also`.
+            let baseline = first
+                .and_then(|first| first.batches.iter().find(|b| b.batch == batch.batch))
+                .map(|b| b.per_window_median_ms);
+            let speedup = baseline.map_or(String::new(), |ms| format!("{:.2}x", ms / batch.per_window_median_ms));
             println!(
-                "{:<28} {:>5} {:>12.2} {:>12.2} {:>14.2} {:>12.1}",
-                model.name,
+                "{:<28} {:>5} {:>12.2} {:>12.2} {:>14.2} {:>12.1} {:>9}",
+                file,
                 batch.batch,
                 batch.timing.median_ms,
                 batch.timing.p90_ms,
                 batch.per_window_median_ms,
-                batch.windows_per_second
+                batch.windows_per_second,
+                speedup
             );
         }
     }
