@@ -468,6 +468,7 @@ struct Worker {
     connected: bool,
     /// Seqs to send on this connection, in order, and whether each is a replay.
     to_send: VecDeque<(u64, bool)>,
+    /// Seqs queued or in flight on this connection (until acked), so none is sent twice.
     queued: HashSet<u64>,
     outbox: VecDeque<OutMessage>,
     statuses: BTreeMap<String, SourceStatus>,
@@ -542,6 +543,9 @@ impl Worker {
                 self.outbox.clear();
             }
             Message::Acked(seq) => {
+                // `queued` only has to keep a seq from being sent twice while it is in flight;
+                // kept after its ack it would grow by one entry per event for the daemon's life.
+                self.queued.remove(&seq);
                 let result = lock(&self.spool).ack(seq);
                 match result {
                     Ok(()) => self.counters.event_acked(),
@@ -647,6 +651,7 @@ impl Worker {
             let stored = lock(&self.spool).get(seq).map(|b| b.to_vec());
             let Some(stored) = stored else {
                 // Dropped (overflow, age) or acked meanwhile.
+                self.queued.remove(&seq);
                 self.to_send.pop_front();
                 continue;
             };
@@ -655,6 +660,7 @@ impl Worker {
                 Err(e) => {
                     tracing::error!(seq, error = %e, "spooled event unreadable: dropped");
                     let _ = lock(&self.spool).ack(seq);
+                    self.queued.remove(&seq);
                     self.to_send.pop_front();
                     continue;
                 }
