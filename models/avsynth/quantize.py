@@ -6,6 +6,9 @@ Writes OUT.onnx, OUT.onnx.sha256 and OUT.parity/ (the f32 model's parity inputs,
 onnxruntime outputs). DATA/train is an `mbt-edge record` folder recorded with mean 0 / std 1
 (the bootstrap); its audio is re-standardised with the model's own mean/std for calibration.
 `--check DATA/test` (recorded with the model itself) prints top-1 agreement with the f32 model.
+DATA = `synthetic` calibrates on WINDOWS random inputs of the model's shapes instead (the parity
+inputs' distributions, seeds 1..WINDOWS): for random-weight models such as BENCHMARKS.md's
+vit-base, whose int8 file is only timed.
 
 What it does to the graph, and why (measured with tract 0.23.9, models/README.md "int8"):
 
@@ -52,6 +55,9 @@ SCORE_CLIP = 80.0
 
 
 def calibration_feeds(md: dict, data: str, windows: int) -> list[dict[str, np.ndarray]]:
+    if data == "synthetic":
+        cfg = MBTConfig.from_metadata(md)
+        return [parity_inputs(cfg, batch=1, seed=seed) for seed in range(1, windows + 1)]
     ds = WindowDataset(data)
     feeds = []
     idx = np.random.default_rng(0).choice(len(ds), size=min(windows, len(ds)), replace=False)
@@ -209,7 +215,7 @@ def agreement(f32: str, int8: str, data: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("data")
+    ap.add_argument("data", help="an `mbt-edge record` folder, or `synthetic` (random inputs, see above)")
     ap.add_argument("out")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--check", metavar="DATA/test", help="print top-1 agreement with the f32 model on this folder")

@@ -1,0 +1,36 @@
+"""`avsynth/quantize.py ... synthetic`: the int8 form of a model without data (random inputs of
+its shapes calibrate), as used for BENCHMARKS.md's vit-base. Torch-free: runs in CI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+MODELS = Path(__file__).resolve().parents[1]
+TINY = MODELS / "testdata" / "mbt-tiny.onnx"
+
+
+def test_synthetic_calibration_writes_the_fused_chain_form(tmp_path):
+    out = tmp_path / "tiny-int8.onnx"
+    done = subprocess.run([sys.executable, str(MODELS / "avsynth" / "quantize.py"), str(TINY), "synthetic", str(out),
+                           "--windows", "2"], capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout)
+    m = onnx.load(str(out))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    mmi = [n for n in m.graph.node if n.op_type == "MatMulInteger"]
+    assert report["quantised_matmuls"] == len(mmi) > 0
+    assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in {t.name for t in m.graph.initializer}]
+    for n in mmi:  # the chain src/model/int8.rs matches: Mul, Add, Clip, Cast<u8> -> MatMulInteger
+        chain = [producer[n.input[0]]]
+        for _ in range(3):
+            chain.append(producer[chain[-1].input[0]])
+        assert [c.op_type for c in chain] == ["Cast", "Clip", "Add", "Mul"]
+    assert report["parity_max_abs_diff_vs_f32"] < 0.1
+    assert (out.parent / "tiny-int8.parity" / "logits.npy").exists()
+    assert np.isfinite(np.load(out.parent / "tiny-int8.parity" / "logits.npy")).all()
