@@ -312,9 +312,14 @@ audio_pipeline = "audiotestsrc is-live=true wave=sine freq=440 volume=0.3 ! audi
     let extra = "[events]\nthreshold = 0.3\noff_threshold = 0.2\nmin_windows = 1\n";
     let config = write_config(dir.path(), broker.port, sources, extra);
     let daemon = Daemon::start(&config, "run");
-    subscriber.wait_for("events from both sources", Duration::from_secs(40), |messages| {
+    // Events from the first windows; the status turns `degraded` once the stream has been
+    // gone for `stall_timeout` (5 s).
+    subscriber.wait_for("events and degraded statuses from both sources", Duration::from_secs(40), |messages| {
         let events = events(messages);
-        ["mic_gone", "cam_gone"].iter().all(|source| events.iter().any(|event| event["source"] == *source))
+        ["mic_gone", "cam_gone"].iter().all(|source| {
+            events.iter().any(|event| event["source"] == *source)
+                && statuses(messages, source).iter().any(|status| status == "degraded")
+        })
     });
     let (code, log) = daemon.stop();
     assert_eq!(code, Some(0), "{log}");

@@ -388,10 +388,14 @@ impl Supervisor {
                 return Outcome::Failed(format!("no {which} for {stall:?}"));
             }
             // A live stream that ended (a microphone or camera gone while the other goes on)
-            // is lost like a stalled one; windows then go out marked degraded.
+            // is lost like a stalled one once `stall_timeout` has passed without its data (a
+            // pipeline whose streams end a moment apart is not "degraded" in between).
             let live = self.source.kind.is_live();
-            let video_lost = video && (video_stalled || (live && video_ended));
-            let audio_lost = audio && (audio_stalled || (live && audio_ended));
+            let gone = |last: &AtomicU64, ended: bool| {
+                live && ended && now_ms.saturating_sub(last.load(Ordering::Relaxed)) > stall.as_millis() as u64
+            };
+            let video_lost = video && (video_stalled || gone(&shared.last_video_ms, video_ended));
+            let audio_lost = audio && (audio_stalled || gone(&shared.last_audio_ms, audio_ended));
             let new_status = if video_lost || audio_lost {
                 SourceStatus::Degraded
             } else if shared.started.get().is_some() {
