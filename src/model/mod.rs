@@ -1,6 +1,7 @@
 //! The model: ONNX file, its metadata and (later) the tract runtime. Only this module knows
 //! tract.
 
+mod gpu_graph;
 mod int8;
 mod metadata;
 mod runtime;

@@ -93,8 +93,20 @@ impl ModelRuntime {
                 ));
             }
         });
+        // A GPU backend gets the one Softmax back where rewrite.py spelled it with MaxPool,
+        // which tract-cuda lacks (gpu_graph.rs); the CPU keeps the faster spelled-out form.
+        let restored;
+        let proto = if backend.name() == "cpu" {
+            &info.proto
+        } else {
+            let mut proto = info.proto.clone();
+            let count = super::gpu_graph::restore_softmax(&mut proto);
+            tracing::debug!(count, backend = %backend.name(), "softmax chains restored to Softmax for the GPU");
+            restored = proto;
+            &restored
+        };
         let inference = tract_onnx::onnx()
-            .model_for_proto_model(&info.proto)
+            .model_for_proto_model(proto)
             .map_err(|err| ModelError::NotOnnx { path: info.path.clone(), message: format!("{err:#}") })?;
         let mut typed = inference
             .into_typed()
