@@ -125,6 +125,18 @@ impl ModelRuntime {
                 Err(err) => tracing::warn!("int8 matmuls left to tract: {err:#}"),
             }
         }
+        // Softmax, LayerNorm and GELU chains as one fused row op each (f32fuse.rs, AVX-512).
+        if backend.name() == "cpu" && super::f32fuse::available() {
+            let mut fused = typed.clone();
+            match super::f32fuse::fuse(&mut fused) {
+                Ok(0) => {}
+                Ok(count) => {
+                    tracing::debug!(count, "f32 row ops fused");
+                    typed = fused;
+                }
+                Err(err) => tracing::warn!("f32 row ops left to tract: {err:#}"),
+            }
+        }
         let input_outlets = typed.input_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
         let output_outlets = typed.output_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
         let input_names: Vec<String> =

@@ -1,0 +1,712 @@
+//! Fused f32 row ops for the CPU backend (AVX-512).
+//!
+//! tract runs each softmax of the rewritten model (`python -m mbt rewrite`: the row max by
+//! `MaxPool`) as eight ops (`Reshape`, `MaxPool`, `Reshape`, `Sub`, `Exp`, `ReduceSum`,
+//! `Recip`, `Mul`), each LayerNorm as six (`ReduceSum`, `Mul`, `Sub`, `RmsNorm`, `Mul`, `Add`)
+//! and its tanh `Gelu` as a scalar loop. At edge-small's sizes each op's dispatch and its
+//! pass over memory cost more than the arithmetic. [`fuse`] replaces each such chain of a
+//! decluttered model by one row op ([`SoftmaxRows`], [`LayerNormRows`], [`GeluTanh`]) that does
+//! the whole chain in registers, one row at a time. The arithmetic is the chain's, in f32:
+//! the same max, `exp(x - max)`, a sum and one reciprocal; the mean as `sum * (1/n)`, the
+//! variance of the centred row and `d / sqrt(var + eps) * gamma + beta`; and
+//! `0.5 x (1 + tanh(y)) = x / (1 + exp(-2y))` with `y = sqrt(2/pi) (x + 0.044715 x^3)`.
+//! Results differ from tract's by float rounding only (sums in another order, exp by a
+//! degree-7 polynomial accurate to about 1 ulp; unit tests below against tract's own plan).
+//!
+//! Only used where the CPU has AVX-512F ([`available`]); the ops also carry a scalar path.
+//! Anything that does not match exactly is left untouched.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::Slice;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::cnn::{MaxPool, PaddingSpec};
+use tract_onnx::tract_core::ops::element_wise::{ElementWiseMiniOp, ElementWiseOp};
+use tract_onnx::tract_core::ops::math::{Exp, Recip};
+use tract_onnx::tract_core::ops::nn::{GeluApproximate, Reduce, Reducer, RmsNorm};
+
+/// Whether this machine runs the fused ops with AVX-512 (x86_64 with AVX-512F).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Which fused op: they all map rows of the last axis to rows of the same length.
+#[derive(Clone, Debug, PartialEq)]
+enum Kind {
+    Softmax,
+    Gelu,
+    LayerNorm { gamma: Vec<f32>, beta: Vec<f32>, eps: f32 },
+}
+
+/// One row op over the last axis of an f32 tensor; see the module doc.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowOp {
+    kind: Kind,
+}
+
+impl Eq for RowOp {}
+
+impl Op for RowOp {
+    fn name(&self) -> StaticName {
+        match self.kind {
+            Kind::Softmax => "SoftmaxRows".into(),
+            Kind::Gelu => "GeluTanh".into(),
+            Kind::LayerNorm { .. } => "LayerNormRows".into(),
+        }
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for RowOp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let mut t = input.into_tensor();
+        let shape = t.shape().to_vec();
+        let n = *shape.last().context("row op on a scalar")?;
+        if let Kind::LayerNorm { gamma, .. } = &self.kind {
+            ensure!(gamma.len() == n, "LayerNormRows: rows of {n}, gamma of {}", gamma.len());
+        }
+        if n > 0 {
+            let mut view = t.try_as_plain_ram_mut()?;
+            let data = view.as_slice_mut::<f32>()?;
+            self.run(data, n);
+        }
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl TypedOp for RowOp {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type() && inputs[0].rank() >= 1);
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+}
+
+impl RowOp {
+    fn run(&self, data: &mut [f32], n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            unsafe {
+                match &self.kind {
+                    Kind::Softmax => data.chunks_exact_mut(n).for_each(|row| avx512::softmax(row)),
+                    Kind::Gelu => avx512::gelu(data),
+                    Kind::LayerNorm { gamma, beta, eps } => {
+                        data.chunks_exact_mut(n).for_each(|row| avx512::layer_norm(row, gamma, beta, *eps))
+                    }
+                }
+            }
+            return;
+        }
+        match &self.kind {
+            Kind::Softmax => data.chunks_exact_mut(n).for_each(scalar::softmax),
+            Kind::Gelu => data.iter_mut().for_each(|x| *x = scalar::gelu(*x)),
+            Kind::LayerNorm { gamma, beta, eps } => {
+                data.chunks_exact_mut(n).for_each(|row| scalar::layer_norm(row, gamma, beta, *eps))
+            }
+        }
+    }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044715;
+/// exp's argument is clamped to this range (below: 0 within 1e-38; above: overflow).
+const EXP_LO: f32 = -87.3;
+const EXP_HI: f32 = 88.7;
+
+mod scalar {
+    use super::*;
+
+    pub fn softmax(row: &mut [f32]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+
+    pub fn gelu(x: f32) -> f32 {
+        let y = SQRT_2_OVER_PI * (x + GELU_A * x * x * x);
+        x / (1.0 + (-2.0 * y).clamp(EXP_LO, EXP_HI).exp())
+    }
+
+    pub fn layer_norm(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        let inv_n = 1.0 / row.len() as f32;
+        let mean = row.iter().sum::<f32>() * inv_n;
+        row.iter_mut().for_each(|x| *x -= mean);
+        let var = row.iter().map(|d| d * d).sum::<f32>() * inv_n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((x, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+            *x = *x * inv * g + b;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// exp of 16 lanes: `2^n * p(r)`, `x = n ln2 + r`, `|r| <= ln2/2`, p of degree 7.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn exp(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn softmax(row: &mut [f32]) {
+        let n = row.len();
+        let whole = n / 16 * 16;
+        let tail = ((1u32 << (n - whole)) - 1) as __mmask16;
+        let p = row.as_mut_ptr();
+        unsafe {
+            let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..whole).step_by(16) {
+                vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p.add(i)));
+            }
+            if tail != 0 {
+                vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, p.add(whole)));
+            }
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+            let mut vsum = _mm512_setzero_ps();
+            for i in (0..whole).step_by(16) {
+                let e = exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), max));
+                _mm512_storeu_ps(p.add(i), e);
+                vsum = _mm512_add_ps(vsum, e);
+            }
+            if tail != 0 {
+                let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p.add(whole)), max));
+                _mm512_mask_storeu_ps(p.add(whole), tail, e);
+                vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vsum));
+            for i in (0..whole).step_by(16) {
+                _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+            }
+            if tail != 0 {
+                _mm512_mask_storeu_ps(
+                    p.add(whole),
+                    tail,
+                    _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(whole)), inv),
+                );
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn gelu16(x: __m512) -> __m512 {
+        let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+        let y = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI), _mm512_fmadd_ps(_mm512_set1_ps(GELU_A), x3, x));
+        let e = exp(_mm512_mul_ps(_mm512_set1_ps(-2.0), y));
+        _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn gelu(data: &mut [f32]) {
+        let whole = data.len() / 16 * 16;
+        let p = data.as_mut_ptr();
+        unsafe {
+            for i in (0..whole).step_by(16) {
+                _mm512_storeu_ps(p.add(i), gelu16(_mm512_loadu_ps(p.add(i))));
+            }
+        }
+        data[whole..].iter_mut().for_each(|x| *x = scalar::gelu(*x));
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn layer_norm(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        let n = row.len();
+        if !n.is_multiple_of(16) || gamma.len() != n || beta.len() != n {
+            return scalar::layer_norm(row, gamma, beta, eps);
+        }
+        let p = row.as_mut_ptr();
+        unsafe {
+            let mut vsum = _mm512_setzero_ps();
+            for i in (0..n).step_by(16) {
+                vsum = _mm512_add_ps(vsum, _mm512_loadu_ps(p.add(i)));
+            }
+            let inv_n = 1.0 / n as f32;
+            let mean = _mm512_set1_ps(_mm512_reduce_add_ps(vsum) * inv_n);
+            let mut vsq = _mm512_setzero_ps();
+            for i in (0..n).step_by(16) {
+                let d = _mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mean);
+                vsq = _mm512_fmadd_ps(d, d, vsq);
+            }
+            let var = _mm512_reduce_add_ps(vsq) * inv_n;
+            let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
+            for i in (0..n).step_by(16) {
+                let d = _mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mean);
+                let y = _mm512_fmadd_ps(
+                    _mm512_mul_ps(d, inv),
+                    _mm512_loadu_ps(gamma.as_ptr().add(i)),
+                    _mm512_loadu_ps(beta.as_ptr().add(i)),
+                );
+                _mm512_storeu_ps(p.add(i), y);
+            }
+        }
+    }
+}
+
+// ---- matching -------------------------------------------------------------------------
+
+fn bin<'m>(node: &'m TypedNode, kind: &str) -> Option<&'m TypedNode> {
+    let op = node.op_as::<TypedBinOp>()?;
+    (op.0.name() == kind && node.inputs.len() == 2).then_some(node)
+}
+
+fn is_elementwise<T: ElementWiseMiniOp>(node: &TypedNode) -> bool {
+    node.op_as::<ElementWiseOp>().is_some_and(|op| op.0.is::<T>() && op.1.is_none())
+}
+
+/// The consumers of `node`'s single output.
+fn successors(node: &TypedNode) -> Vec<usize> {
+    if node.outputs.len() != 1 {
+        return vec![usize::MAX];
+    }
+    node.outputs[0].successors.iter().map(|s| s.node).collect()
+}
+
+fn only_successor(model: &TypedModel, node: &TypedNode, next: &TypedNode) -> bool {
+    successors(node) == [next.id] && !model.output_outlets().is_ok_and(|o| o.iter().any(|o| o.node == node.id))
+}
+
+fn f32_fact(model: &TypedModel, outlet: OutletId) -> Option<TypedFact> {
+    let fact = model.outlet_fact(outlet).ok()?;
+    (fact.datum_type == f32::datum_type() && fact.rank() >= 1).then(|| fact.clone())
+}
+
+/// A sum over the last axis of a rank-`rank` tensor.
+fn is_last_axis_sum(node: &TypedNode, rank: usize) -> bool {
+    node.op_as::<Reduce>().is_some_and(|r| r.reducer == Reducer::Sum && r.axes.as_slice() == [rank - 1])
+}
+
+/// `x - rowmax(x)` where the row max is tract's form of the rewrite's `MaxPool` over the
+/// whole last axis: reshapes (`AxisOp` other than moves) around one `MaxPool` of kernel
+/// `[n]`, valid padding, no stride or dilation. tract may split the `Sub` over rows: then `x`
+/// is a row `Slice` of the scores and the row maxes are sliced alike. Returns `x`.
+fn match_row_max_sub(model: &TypedModel, sub: &TypedNode) -> Option<OutletId> {
+    bin(sub, "Sub")?;
+    let x = sub.inputs[0];
+    let fact = f32_fact(model, x)?;
+    let rank = fact.rank();
+    let n = fact.shape[rank - 1].to_usize().ok()?;
+    let m_fact = model.outlet_fact(sub.inputs[1]).ok()?;
+    let mut want = fact.shape.to_tvec();
+    want[rank - 1] = 1.to_dim();
+    if m_fact.shape.to_tvec() != want {
+        return None;
+    }
+    // The scores before a row slice, and that slice.
+    let x_node = model.node(x.node);
+    let (root, row_slice) = match x_node.op_as::<Slice>() {
+        Some(slice) if slice.axis + 1 < rank => (x_node.inputs[0], Some(slice.clone())),
+        _ => (x, None),
+    };
+    let root_shape = model.outlet_fact(root).ok()?.shape.to_tvec();
+    let (mut pools, mut slices) = (0, 0);
+    let mut at = sub.inputs[1];
+    for _ in 0..8 {
+        if at == x && pools == 1 && slices == 0 {
+            return Some(x);
+        }
+        if at == root && row_slice.is_some() && pools == 1 && slices == 1 {
+            return Some(x);
+        }
+        let node = model.node(at.node);
+        if node.inputs.len() != 1 {
+            return None;
+        }
+        if let Some(pool) = node.op_as::<MaxPool>() {
+            let spec = &pool.pool_spec;
+            let ok = pool.with_index_outputs.is_none()
+                && spec.kernel_shape.as_slice() == [n]
+                && matches!(spec.padding, PaddingSpec::Valid)
+                && spec.dilations.as_ref().is_none_or(|d| d.iter().all(|&d| d == 1))
+                && spec.strides.as_ref().is_none_or(|s| s.iter().all(|&s| s == 1));
+            if !ok {
+                return None;
+            }
+            let out = model.outlet_fact(OutletId::new(node.id, 0)).ok()?;
+            if out.shape.iter().last() != Some(&1.to_dim()) {
+                return None;
+            }
+            pools += 1;
+        } else if let Some(slice) = node.op_as::<Slice>() {
+            // The same rows of the row maxes, over the same leading axes as the scores.
+            let input = model.outlet_fact(node.inputs[0]).ok()?.shape.to_tvec();
+            let same = row_slice.as_ref() == Some(slice)
+                && input.len() > slice.axis
+                && input[..=slice.axis] == root_shape[..=slice.axis];
+            if !same {
+                return None;
+            }
+            slices += 1;
+        } else if let Some(axis) = node.op_as::<AxisOp>() {
+            if matches!(axis, AxisOp::Move(..)) {
+                return None;
+            }
+        } else {
+            return None;
+        }
+        at = node.inputs[0];
+    }
+    None
+}
+
+/// `Mul(e, Recip(ReduceSum_last(e)))` with `e = Exp(x - rowmax(x))`: the softmax of `x`.
+fn match_softmax(model: &TypedModel, mul: &TypedNode) -> Option<(OutletId, OutletId)> {
+    bin(mul, "Mul")?;
+    for (e_ix, r_ix) in [(0, 1), (1, 0)] {
+        let exp = model.node(mul.inputs[e_ix].node);
+        let recip = model.node(mul.inputs[r_ix].node);
+        if !is_elementwise::<Exp>(exp) || !is_elementwise::<Recip>(recip) {
+            continue;
+        }
+        let sum = model.node(recip.inputs[0].node);
+        let rank = f32_fact(model, mul.inputs[e_ix])?.rank();
+        if !is_last_axis_sum(sum, rank) || sum.inputs[0] != mul.inputs[e_ix] {
+            continue;
+        }
+        let mut consumers = successors(exp);
+        consumers.sort();
+        let mut want = vec![sum.id, mul.id];
+        want.sort();
+        if consumers != want || !only_successor(model, sum, recip) || !only_successor(model, recip, mul) {
+            continue;
+        }
+        let sub = model.node(exp.inputs[0].node);
+        if !only_successor(model, sub, exp) {
+            continue;
+        }
+        let x = match_row_max_sub(model, sub)?;
+        return Some((x, OutletId::new(mul.id, 0)));
+    }
+    None
+}
+
+fn const_f32(model: &TypedModel, outlet: OutletId) -> Option<Vec<f32>> {
+    let t = model.outlet_fact(outlet).ok()?.konst.clone()?;
+    if t.datum_type() != f32::datum_type() {
+        return None;
+    }
+    Some(t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec())
+}
+
+/// The non-constant input of a binary op and the constant's values broadcast over a row of
+/// `n` (a constant of shape `[1, .., 1, n]` or a scalar).
+fn with_row_const(model: &TypedModel, node: &TypedNode, n: usize) -> Option<(OutletId, Vec<f32>)> {
+    for (var, konst) in [(0, 1), (1, 0)] {
+        let fact = model.outlet_fact(node.inputs[konst]).ok()?;
+        if fact.konst.is_none() {
+            continue;
+        }
+        let shape = fact.shape.as_concrete()?;
+        if shape.iter().rev().skip(1).any(|&d| d != 1) {
+            return None;
+        }
+        let values = const_f32(model, node.inputs[konst])?;
+        return match values.len() {
+            1 => Some((node.inputs[var], vec![values[0]; n])),
+            len if len == n => Some((node.inputs[var], values)),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// tract's decluttered LayerNorm over the last axis: `Add(Mul(RmsNorm(x - mean), gamma), beta)`
+/// with `mean = ReduceSum_last(x) * (1/n)`.
+fn match_layer_norm(model: &TypedModel, add: &TypedNode) -> Option<(OutletId, Kind, OutletId)> {
+    bin(add, "Add")?;
+    let fact = f32_fact(model, OutletId::new(add.id, 0))?;
+    let rank = fact.rank();
+    let n = fact.shape[rank - 1].to_usize().ok()?;
+    let (scaled, beta) = with_row_const(model, add, n)?;
+    let mul = bin(model.node(scaled.node), "Mul")?;
+    let (normed, gamma) = with_row_const(model, mul, n)?;
+    let rms = model.node(normed.node);
+    let rms_op = rms.op_as::<RmsNorm>()?;
+    if rms_op.axis != rank - 1 || rms_op.eps.len() != 1 {
+        return None;
+    }
+    let eps = rms_op.eps.cast_to_scalar::<f32>().ok()?;
+    let sub = bin(model.node(rms.inputs[0].node), "Sub")?;
+    let x = sub.inputs[0];
+    if f32_fact(model, x)?.shape != fact.shape {
+        return None;
+    }
+    let mean = bin(model.node(sub.inputs[1].node), "Mul")?;
+    let (sum_out, inv_n) = with_row_const(model, mean, 1)?;
+    if inv_n != [1.0 / n as f32] {
+        return None;
+    }
+    let sum = model.node(sum_out.node);
+    if !is_last_axis_sum(sum, rank) || sum.inputs[0] != x {
+        return None;
+    }
+    let chain_ok = only_successor(model, sum, mean)
+        && only_successor(model, mean, sub)
+        && only_successor(model, sub, rms)
+        && only_successor(model, rms, mul)
+        && only_successor(model, mul, add);
+    chain_ok.then(|| (x, Kind::LayerNorm { gamma, beta, eps }, OutletId::new(add.id, 0)))
+}
+
+fn match_gelu(model: &TypedModel, node: &TypedNode) -> Option<(OutletId, Kind, OutletId)> {
+    let op = node.op_as::<ElementWiseOp>()?;
+    let gelu = op.0.downcast_ref::<GeluApproximate>()?;
+    if gelu.fast_impl || op.1.is_some() {
+        return None;
+    }
+    f32_fact(model, node.inputs[0])?;
+    Some((node.inputs[0], Kind::Gelu, OutletId::new(node.id, 0)))
+}
+
+/// Replaces each softmax, LayerNorm and tanh-GELU chain of a decluttered f32 model by one
+/// [`RowOp`]; returns how many were replaced.
+pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
+    let mut found = vec![];
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        if let Some((x, out)) = match_softmax(model, node) {
+            found.push((x, Kind::Softmax, out));
+        } else if let Some(m) = match_layer_norm(model, node).or_else(|| match_gelu(model, node)) {
+            found.push(m);
+        }
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let count = found.len();
+    let mut patch = TypedModelPatch::default();
+    for (ix, (x, kind, out)) in found.into_iter().enumerate() {
+        let name = format!("{}.f32fuse{ix}", model.node(out.node).name);
+        let tap = patch.tap_model(model, x)?;
+        let new = patch.wire_node(name, RowOp { kind }, &[tap])?[0];
+        patch.shunt_outside(model, out, new)?;
+    }
+    patch.apply(model)?;
+    model.compact()?;
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::cnn::PoolSpec;
+    use tract_onnx::tract_core::ops::math;
+    use tract_onnx::tract_core::ops::nn::DataFormat;
+
+    /// A small deterministic generator (no dependency).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    fn ew(op: impl ElementWiseMiniOp) -> ElementWiseOp {
+        ElementWiseOp(Box::new(op), None)
+    }
+
+    fn dims(values: &[usize]) -> TVec<TDim> {
+        values.iter().map(|&v| v.to_dim()).collect()
+    }
+
+    /// The rewrite's softmax over the last axis of `[a, b, rows, n]` as tract declutters it;
+    /// with `split`, the `Sub` split over two row ranges as tract does in the fusion layers.
+    fn softmax_model(a: usize, b: usize, rows: usize, n: usize, split: Option<usize>) -> TypedModel {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([a, b, rows, n])).unwrap();
+        let flat = AxisOp::Reshape(0, dims(&[a, b, rows]), dims(&[a * b * rows]));
+        let m = model.wire_node("flat", flat, &[x]).unwrap()[0];
+        let m = model.wire_node("chan", AxisOp::Add(1), &[m]).unwrap()[0];
+        let spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec!(n),
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: None,
+            input_channels: 1,
+            output_channels: 1,
+        };
+        let m = model.wire_node("pool", MaxPool { pool_spec: spec, with_index_outputs: None }, &[m]).unwrap()[0];
+        let back = AxisOp::Reshape(0, dims(&[a * b * rows]), dims(&[a, b, rows]));
+        let m = model.wire_node("back", back, &[m]).unwrap()[0];
+        let ranges = match split {
+            Some(at) => vec![(0, at), (at, rows)],
+            None => vec![(0, rows)],
+        };
+        let mut outputs = vec![];
+        for (ix, (start, end)) in ranges.into_iter().enumerate() {
+            let (x, m) = if split.is_some() {
+                let xs = model.wire_node(format!("xs{ix}"), Slice::new(2, start, end), &[x]).unwrap()[0];
+                let ms = model.wire_node(format!("ms{ix}"), Slice::new(2, start, end), &[m]).unwrap()[0];
+                (xs, ms)
+            } else {
+                (x, m)
+            };
+            let m = model.wire_node(format!("rm{ix}"), AxisOp::Rm(4), &[m]).unwrap()[0];
+            let d = model.wire_node(format!("sub{ix}"), math::sub(), &[x, m]).unwrap()[0];
+            let e = model.wire_node(format!("exp{ix}"), ew(math::Exp {}), &[d]).unwrap()[0];
+            let s = model.wire_node(format!("sum{ix}"), Reduce::new(tvec!(3), Reducer::Sum), &[e]).unwrap()[0];
+            let r = model.wire_node(format!("recip{ix}"), ew(math::Recip {}), &[s]).unwrap()[0];
+            outputs.push(model.wire_node(format!("div{ix}"), math::mul(), &[e, r]).unwrap()[0]);
+        }
+        model.select_output_outlets(&outputs).unwrap();
+        model
+    }
+
+    /// tract's decluttered LayerNorm over the last axis of `[a, rows, n]`.
+    fn layer_norm_model(a: usize, rows: usize, n: usize) -> TypedModel {
+        layer_norm_model_with(a, rows, n, 1.0 / n as f32)
+    }
+
+    fn layer_norm_model_with(a: usize, rows: usize, n: usize, inv_n: f32) -> TypedModel {
+        let mut rng = Lcg(5);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([a, rows, n])).unwrap();
+        let s = model.wire_node("sum", Reduce::new(tvec!(2), Reducer::Sum), &[x]).unwrap()[0];
+        let inv = model.add_const("inv_n", tensor3(&[[[inv_n]]])).unwrap();
+        let mean = model.wire_node("mean", math::mul(), &[s, inv]).unwrap()[0];
+        let d = model.wire_node("d", math::sub(), &[x, mean]).unwrap()[0];
+        let eps = Arc::new(tensor0(1e-6f32));
+        let y = model.wire_node("rms", RmsNorm { axis: 2, eps }, &[d]).unwrap()[0];
+        let gamma: Vec<f32> = (0..n).map(|_| 1.0 + 0.1 * rng.next()).collect();
+        let beta: Vec<f32> = (0..n).map(|_| 0.05 * rng.next()).collect();
+        let gamma = model.add_const("gamma", tensor1(&gamma).into_shape(&[1, 1, n]).unwrap()).unwrap();
+        let beta = model.add_const("beta", tensor1(&beta).into_shape(&[1, 1, n]).unwrap()).unwrap();
+        let y = model.wire_node("scaled", math::mul(), &[y, gamma]).unwrap()[0];
+        let y = model.wire_node("shifted", math::add(), &[y, beta]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        model
+    }
+
+    fn gelu_model(shape: [usize; 3]) -> TypedModel {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(shape)).unwrap();
+        let y = model.wire_node("gelu", ew(GeluApproximate { fast_impl: false }), &[x]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        model
+    }
+
+    fn run(model: TypedModel, x: &Tensor) -> Vec<Tensor> {
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        plan.run(tvec!(x.clone().into_tvalue())).unwrap().into_iter().map(|t| t.into_tensor()).collect()
+    }
+
+    /// The fused model against tract's own plan of the same graph, on `x = scale * U(-1, 1)`:
+    /// every output within `tol * max(1, |want|)`. Returns the worst relative difference.
+    fn check(model: TypedModel, fused_ops: usize, scale: f32, tol: f32) -> f32 {
+        let shape: Vec<usize> = model.input_fact(0).unwrap().shape.as_concrete().unwrap().to_vec();
+        let mut rng = Lcg(11);
+        let x: Vec<f32> = (0..shape.iter().product()).map(|_| rng.next() * scale).collect();
+        let x = tensor1(&x).into_shape(&shape).unwrap();
+        let mut fused = model.clone();
+        assert_eq!(fuse(&mut fused).unwrap(), fused_ops);
+        let rows = fused.nodes.iter().filter(|n| n.op_as::<RowOp>().is_some()).count();
+        assert_eq!(rows, fused_ops);
+        let want = run(model, &x);
+        let got = run(fused, &x);
+        assert_eq!(want.len(), got.len());
+        let mut worst = 0f32;
+        for (want, got) in want.iter().zip(&got) {
+            assert_eq!(want.shape(), got.shape());
+            let want = want.try_as_plain_ram().unwrap();
+            let got = got.try_as_plain_ram().unwrap();
+            for (a, b) in want.as_slice::<f32>().unwrap().iter().zip(got.as_slice::<f32>().unwrap()) {
+                worst = worst.max((a - b).abs() / a.abs().max(1.0));
+            }
+        }
+        assert!(worst <= tol, "worst {worst} > {tol}");
+        worst
+    }
+
+    #[test]
+    fn softmax_matches_tract() {
+        // Scores as attention leaves them (|x| up to 8), rows of 129 (a masked tail) and 48.
+        check(softmax_model(1, 4, 129, 129, None), 1, 8.0, 1e-6);
+        check(softmax_model(2, 3, 5, 48, None), 1, 8.0, 1e-6);
+        check(softmax_model(1, 2, 7, 3, None), 1, 30.0, 1e-6);
+    }
+
+    #[test]
+    fn split_softmax_matches_tract() {
+        check(softmax_model(1, 4, 133, 133, Some(129)), 2, 8.0, 1e-6);
+    }
+
+    #[test]
+    fn layer_norm_matches_tract() {
+        check(layer_norm_model(1, 129, 128), 1, 3.0, 1e-5);
+        check(layer_norm_model(2, 5, 40), 1, 3.0, 1e-5);
+    }
+
+    #[test]
+    fn gelu_matches_tract() {
+        // Up to |x| = 12: both tails (x and 0) and the bend. tract's tanh is good to about
+        // 4e-6 (below); ours to about 1e-7.
+        check(gelu_model([1, 129, 512]), 1, 12.0, 1e-5);
+        check(gelu_model([1, 3, 7]), 1, 4.0, 1e-5);
+    }
+
+    #[test]
+    fn gelu_is_within_f32_rounding_of_exact() {
+        let xs: Vec<f32> = (0..24000).map(|i| -12.0 + i as f32 * 0.001).collect();
+        let mut ys = xs.clone();
+        RowOp { kind: Kind::Gelu }.run(&mut ys, xs.len());
+        let mut worst = 0f64;
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let x = x as f64;
+            let exact = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            worst = worst.max((y as f64 - exact).abs() / exact.abs().max(1.0));
+        }
+        assert!(worst < 3e-7, "worst {worst}");
+    }
+
+    #[test]
+    fn other_chains_are_left_alone() {
+        // A max over part of the row is not a softmax's row max.
+        let mut model = softmax_model(1, 2, 3, 8, None);
+        let pool = model.nodes.iter().position(|n| n.op_as::<MaxPool>().is_some()).unwrap();
+        let mut op = model.nodes[pool].op_as::<MaxPool>().unwrap().clone();
+        op.pool_spec.kernel_shape = tvec!(4);
+        op.pool_spec.strides = Some(tvec!(4));
+        model.nodes[pool].op = Box::new(op);
+        // (the model is not re-typed: only matching is looked at)
+        let before = format!("{model:?}");
+        assert_eq!(fuse(&mut model).unwrap(), 0);
+        assert_eq!(format!("{model:?}"), before);
+        // A mean by another factor is not a LayerNorm's.
+        let mut model = layer_norm_model_with(1, 3, 16, 0.5);
+        assert_eq!(fuse(&mut model).unwrap(), 0);
+    }
+}
