@@ -125,16 +125,17 @@ impl ModelRuntime {
                 Err(err) => tracing::warn!("int8 matmuls left to tract: {err:#}"),
             }
         }
-        // Softmax, LayerNorm and GELU chains as one fused row op each (f32fuse.rs, AVX-512).
+        // Softmax, LayerNorm and GELU chains and the f32 weight matmuls with their bias as one
+        // fused op each (f32fuse.rs, AVX-512); a graph without them is left as it is.
         if backend.name() == "cpu" && super::f32fuse::available() {
             let mut fused = typed.clone();
             match super::f32fuse::fuse(&mut fused) {
                 Ok(0) => {}
                 Ok(count) => {
-                    tracing::debug!(count, "f32 row ops fused");
+                    tracing::debug!(count, "f32 ops fused");
                     typed = fused;
                 }
-                Err(err) => tracing::warn!("f32 row ops left to tract: {err:#}"),
+                Err(err) => tracing::warn!("f32 ops left to tract: {err:#}"),
             }
         }
         let input_outlets = typed.input_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
