@@ -17,6 +17,9 @@
 //!   packed once at load in panels of 32 columns, a 12-row x 32-column FMA kernel reading the
 //!   activations in place (no packing), bias and GELU applied before the store. Each output
 //!   is one f32 FMA chain over k, then the bias, as in tract's kernel.
+//! - [`HeadProduct`] (`AttnScores`, `AttnMix`): attention's per-head products Q . K^T and
+//!   P . V on the same kernel, the second operand packed per head at each call, reading Q
+//!   and P in place and writing the mix straight into the `[tokens, heads, d]` layout.
 //!
 //! Results differ from tract's by float rounding only (sums in another order, exp by a
 //! degree-7 polynomial accurate to about 1 ulp; unit tests below against tract's own plan).
@@ -285,18 +288,22 @@ mod avx512 {
         }
     }
 
-    /// `MR_` rows of `y = x . W + bias` for one panel of 32 columns: `x` at row stride `k`,
-    /// `y` at row stride `n`, the panel `w` of `k` x 32.
+    /// `MR_` rows of `y = x . W + bias` for one panel of up to 32 columns (`cols`): `x` at
+    /// row stride `xs`, `y` at row stride `ys`, the panel `w` of `k` x 32 (columns past `cols`
+    /// are computed but not stored); `bias` null for none.
     #[inline]
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn kernel<const MR_: usize>(
         x: *const f32,
+        xs: usize,
         k: usize,
         w: *const f32,
         bias: *const f32,
         gelu: bool,
         y: *mut f32,
-        n: usize,
+        ys: usize,
+        cols: usize,
     ) {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; MR_];
@@ -304,13 +311,24 @@ mod avx512 {
                 let w0 = _mm512_loadu_ps(w.add(kk * PANEL));
                 let w1 = _mm512_loadu_ps(w.add(kk * PANEL + 16));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*x.add(r * k + kk));
+                    let a = _mm512_set1_ps(*x.add(r * xs + kk));
                     acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
                     acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
                 }
             }
-            let b0 = _mm512_loadu_ps(bias);
-            let b1 = _mm512_loadu_ps(bias.add(16));
+            let (b0, b1) = if bias.is_null() {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            } else {
+                (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)))
+            };
+            let m0 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as __mmask16 };
+            let m1 = if cols >= 32 {
+                0xffff
+            } else if cols <= 16 {
+                0
+            } else {
+                ((1u32 << (cols - 16)) - 1) as __mmask16
+            };
             for (r, acc) in acc.iter().enumerate() {
                 let mut v0 = _mm512_add_ps(acc[0], b0);
                 let mut v1 = _mm512_add_ps(acc[1], b1);
@@ -318,9 +336,53 @@ mod avx512 {
                     v0 = gelu16(v0);
                     v1 = gelu16(v1);
                 }
-                _mm512_storeu_ps(y.add(r * n), v0);
-                _mm512_storeu_ps(y.add(r * n + 16), v1);
+                if cols >= 32 {
+                    _mm512_storeu_ps(y.add(r * ys), v0);
+                    _mm512_storeu_ps(y.add(r * ys + 16), v1);
+                } else {
+                    _mm512_mask_storeu_ps(y.add(r * ys), m0, v0);
+                    _mm512_mask_storeu_ps(y.add(r * ys + 16), m1, v1);
+                }
             }
+        }
+    }
+
+    /// `rows` rows of one panel: [`kernel`] over blocks of [`MR`] rows.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn panel(
+        x: *const f32,
+        xs: usize,
+        rows: usize,
+        k: usize,
+        w: *const f32,
+        bias: *const f32,
+        gelu: bool,
+        y: *mut f32,
+        ys: usize,
+        cols: usize,
+    ) {
+        let mut r = 0;
+        while r < rows {
+            let (xr, yr) = unsafe { (x.add(r * xs), y.add(r * ys)) };
+            let block = (rows - r).min(MR);
+            unsafe {
+                match block {
+                    12 => kernel::<12>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    11 => kernel::<11>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    10 => kernel::<10>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    9 => kernel::<9>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    8 => kernel::<8>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    7 => kernel::<7>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    6 => kernel::<6>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    5 => kernel::<5>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    4 => kernel::<4>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    3 => kernel::<3>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    2 => kernel::<2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    _ => kernel::<1>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                }
+            }
+            r += block;
         }
     }
 
@@ -330,31 +392,10 @@ mod avx512 {
         let (k, n) = (w.k, w.n);
         assert!(x.len() >= rows * k && y.len() >= rows * n && bias.len() == n && w.packed.len() == k * n);
         for p in 0..n / PANEL {
-            let panel = w.packed[p * k * PANEL..].as_ptr();
+            let wp = w.packed[p * k * PANEL..].as_ptr();
             let b = bias[p * PANEL..].as_ptr();
-            let mut r = 0;
-            while r < rows {
-                let xr = x[r * k..].as_ptr();
-                let yr = y[r * n + p * PANEL..].as_mut_ptr();
-                let left = rows - r;
-                unsafe {
-                    match left.min(MR) {
-                        12 => kernel::<12>(xr, k, panel, b, gelu, yr, n),
-                        11 => kernel::<11>(xr, k, panel, b, gelu, yr, n),
-                        10 => kernel::<10>(xr, k, panel, b, gelu, yr, n),
-                        9 => kernel::<9>(xr, k, panel, b, gelu, yr, n),
-                        8 => kernel::<8>(xr, k, panel, b, gelu, yr, n),
-                        7 => kernel::<7>(xr, k, panel, b, gelu, yr, n),
-                        6 => kernel::<6>(xr, k, panel, b, gelu, yr, n),
-                        5 => kernel::<5>(xr, k, panel, b, gelu, yr, n),
-                        4 => kernel::<4>(xr, k, panel, b, gelu, yr, n),
-                        3 => kernel::<3>(xr, k, panel, b, gelu, yr, n),
-                        2 => kernel::<2>(xr, k, panel, b, gelu, yr, n),
-                        _ => kernel::<1>(xr, k, panel, b, gelu, yr, n),
-                    }
-                }
-                r += left.min(MR);
-            }
+            let yp = y[p * PANEL..].as_mut_ptr();
+            unsafe { panel(x.as_ptr(), k, rows, k, wp, b, gelu, yp, n, PANEL) };
         }
     }
 }
@@ -480,6 +521,182 @@ impl Linear {
             }
         }
     }
+}
+
+// ---- attention products -----------------------------------------------------------------
+
+/// The two per-head products of attention, as tract declutters them, on the same kernel as
+/// [`Linear`] (the second operand packed per head into a thread-local buffer at each call):
+/// `Scores`: `EinSum ambk,anbk->abmn` (Q . K^T per head; Q `[a, m, h, d]`, K `[a, n, h, d]`);
+/// `Mix`: `EinSum abmk,akbn->ambn` (P . V per head; P `[a, h, m, k]`, V `[a, k, h, d]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeadProduct {
+    Scores,
+    Mix,
+}
+
+impl Op for HeadProduct {
+    fn name(&self) -> StaticName {
+        match self {
+            HeadProduct::Scores => "AttnScores".into(),
+            HeadProduct::Mix => "AttnMix".into(),
+        }
+    }
+
+    op_as_typed_op!();
+}
+
+thread_local! {
+    /// The packed per-head operand (reused between calls).
+    static HEAD_PANELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl EvalOp for HeadProduct {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (l, r) = (inputs[0].shape().to_vec(), inputs[1].shape().to_vec());
+        ensure!(l.len() == 4 && r.len() == 4, "{}: inputs {l:?} {r:?}", self.name());
+        let lhs = inputs[0].try_as_plain_ram()?;
+        let lhs = lhs.as_slice::<f32>()?;
+        let rhs = inputs[1].try_as_plain_ram()?;
+        let rhs = rhs.as_slice::<f32>()?;
+        let out_shape = self.out_shape(&l, &r)?;
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let y = view.as_slice_mut::<f32>()?;
+            match self {
+                HeadProduct::Scores => scores(lhs, rhs, &l, r[1], y),
+                HeadProduct::Mix => mix(lhs, rhs, &l, r[3], y),
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for HeadProduct {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type() && f.rank() == 4));
+        let l: TVec<TDim> = inputs[0].shape.iter().cloned().collect();
+        let r: TVec<TDim> = inputs[1].shape.iter().cloned().collect();
+        Ok(tvec!(f32::fact(self.out_shape(&l, &r)?)))
+    }
+}
+
+impl HeadProduct {
+    fn out_shape<D: DimLike>(&self, l: &[D], r: &[D]) -> TractResult<TVec<D>> {
+        match self {
+            HeadProduct::Scores => {
+                ensure!(l[0] == r[0] && l[2] == r[2] && l[3] == r[3], "AttnScores: {l:?} {r:?}");
+                Ok(tvec!(l[0].clone(), l[2].clone(), l[1].clone(), r[1].clone()))
+            }
+            HeadProduct::Mix => {
+                ensure!(l[0] == r[0] && l[1] == r[2] && l[3] == r[1], "AttnMix: {l:?} {r:?}");
+                Ok(tvec!(l[0].clone(), l[2].clone(), l[1].clone(), r[3].clone()))
+            }
+        }
+    }
+}
+
+/// `S[a][h][i][j] = sum_k Q[a][i][h][k] K[a][j][h][k]`; `q_shape` = `[a, m, h, d]`, K has `n` rows.
+fn scores(q: &[f32], k: &[f32], q_shape: &[usize], n: usize, s: &mut [f32]) {
+    let [batch, m, heads, d] = [q_shape[0], q_shape[1], q_shape[2], q_shape[3]];
+    let row = heads * d;
+    HEAD_PANELS.with_borrow_mut(|buf| {
+        let panels = n.div_ceil(PANEL);
+        buf.clear();
+        buf.resize(panels * d * PANEL, 0.0);
+        for a in 0..batch {
+            for h in 0..heads {
+                // K^T of this head in panels of 32 columns (j), zero past n.
+                for j in 0..n {
+                    let (p, c) = (j / PANEL, j % PANEL);
+                    for kk in 0..d {
+                        buf[(p * d + kk) * PANEL + c] = k[(a * n + j) * row + h * d + kk];
+                    }
+                }
+                let qh = &q[a * m * row + h * d..];
+                let sh = &mut s[(a * heads + h) * m * n..][..m * n];
+                product(qh, row, m, d, buf, sh, n, n);
+            }
+        }
+    })
+}
+
+/// `O[a][i][h][c] = sum_j P[a][h][i][j] V[a][j][h][c]`; `p_shape` = `[a, h, m, k]`, V rows
+/// of `heads * d`.
+fn mix(p: &[f32], v: &[f32], p_shape: &[usize], d: usize, o: &mut [f32]) {
+    let [batch, heads, m, k] = [p_shape[0], p_shape[1], p_shape[2], p_shape[3]];
+    let row = heads * d;
+    HEAD_PANELS.with_borrow_mut(|buf| {
+        let panels = d.div_ceil(PANEL);
+        buf.clear();
+        buf.resize(panels * k * PANEL, 0.0);
+        for a in 0..batch {
+            for h in 0..heads {
+                for j in 0..k {
+                    for c in 0..d {
+                        buf[((c / PANEL) * k + j) * PANEL + c % PANEL] = v[(a * k + j) * row + h * d + c];
+                    }
+                }
+                let ph = &p[(a * heads + h) * m * k..][..m * k];
+                let oh = &mut o[a * m * row + h * d..];
+                product(ph, k, m, k, buf, oh, row, d);
+            }
+        }
+    })
+}
+
+/// `y[i][c] = sum_kk x[i * xs + kk] w[kk][c]` for `rows` rows and `cols` columns, `w` packed
+/// in panels of 32 columns (`k` rows each), `y` at row stride `ys`.
+#[allow(clippy::too_many_arguments)]
+fn product(x: &[f32], xs: usize, rows: usize, k: usize, w: &[f32], y: &mut [f32], ys: usize, cols: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(x.len() > (rows - 1) * xs + k - 1 || k == 0);
+    assert!(y.len() >= (rows - 1) * ys + cols && w.len() >= cols.div_ceil(PANEL) * k * PANEL);
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        for p in 0..cols.div_ceil(PANEL) {
+            let width = (cols - p * PANEL).min(PANEL);
+            let (wp, yp) = (w[p * k * PANEL..].as_ptr(), y[p * PANEL..].as_mut_ptr());
+            unsafe { avx512::panel(x.as_ptr(), xs, rows, k, wp, std::ptr::null(), false, yp, ys, width) };
+        }
+        return;
+    }
+    for i in 0..rows {
+        for c in 0..cols {
+            let (p, cc) = (c / PANEL, c % PANEL);
+            let mut acc = 0f32;
+            for kk in 0..k {
+                acc = x[i * xs + kk].mul_add(w[(p * k + kk) * PANEL + cc], acc);
+            }
+            y[i * ys + c] = acc;
+        }
+    }
+}
+
+fn match_head_product(model: &TypedModel, node: &TypedNode) -> Option<HeadProduct> {
+    let op = node.op_as::<EinSum>()?;
+    let kind = match format!("{op:?}").as_str() {
+        "EinSum ambk,anbk->abmn (F32)" => HeadProduct::Scores,
+        "EinSum abmk,akbn->ambn (F32)" => HeadProduct::Mix,
+        _ => return None,
+    };
+    if node.inputs.len() != 2 {
+        return None;
+    }
+    for input in &node.inputs {
+        let fact = f32_fact(model, *input)?;
+        if fact.rank() != 4 || fact.konst.is_some() {
+            return None;
+        }
+    }
+    Some(kind)
 }
 
 // ---- matching -------------------------------------------------------------------------
@@ -764,6 +981,7 @@ pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     }
     if found.is_empty() {
         fuse_linear(model)?;
+        fuse_head_products(model)?;
         return Ok(fused_ops(model));
     }
     let mut patch = TypedModelPatch::default();
@@ -781,12 +999,40 @@ pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     patch.apply(model)?;
     model.compact()?;
     fuse_linear(model)?;
+    fuse_head_products(model)?;
     Ok(fused_ops(model))
+}
+
+/// Replaces each attention product (Q . K^T, P . V per head) by one [`HeadProduct`].
+fn fuse_head_products(model: &mut TypedModel) -> TractResult<usize> {
+    let mut found = vec![];
+    for id in model.eval_order()? {
+        if let Some(kind) = match_head_product(model, model.node(id)) {
+            found.push((id, kind));
+        }
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let count = found.len();
+    let mut patch = TypedModelPatch::default();
+    for (id, kind) in found {
+        let node = model.node(id);
+        let inputs = node.inputs.iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<TVec<_>>>()?;
+        let new = patch.wire_node(format!("{}.f32heads", node.name), kind, &inputs)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), new)?;
+    }
+    patch.apply(model)?;
+    model.compact()?;
+    Ok(count)
 }
 
 /// How many of this module's ops the model holds.
 fn fused_ops(model: &TypedModel) -> usize {
-    model.nodes.iter().filter(|n| n.op_as::<RowOp>().is_some() || n.op_as::<Linear>().is_some()).count()
+    let ours = |n: &&TypedNode| {
+        n.op_as::<RowOp>().is_some() || n.op_as::<Linear>().is_some() || n.op_as::<HeadProduct>().is_some()
+    };
+    model.nodes.iter().filter(ours).count()
 }
 
 /// Replaces each f32 weight matmul with its bias (and GELU) by one [`Linear`].
@@ -1068,6 +1314,30 @@ mod tests {
         }
         model.select_output_outlets(&[y]).unwrap();
         check(model, 2, 3.0, 1e-5);
+    }
+
+    /// Attention's two products as tract declutters them: `x` holds Q, K and V side by side
+    /// (`[a, m, 3, h, d]` sliced), scores, softmax, mix.
+    fn attention_model(a: usize, m: usize, h: usize, d: usize) -> TypedModel {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([a, m, 3 * h, d])).unwrap();
+        let q = model.wire_node("q", Slice::new(2, 0, h), &[x]).unwrap()[0];
+        let k = model.wire_node("k", Slice::new(2, h, 2 * h), &[x]).unwrap()[0];
+        let v = model.wire_node("v", Slice::new(2, 2 * h, 3 * h), &[x]).unwrap()[0];
+        let qk = EinSum::new("ambk,anbk->abmn".parse().unwrap(), f32::datum_type());
+        let s = model.wire_node("scores", qk, &[q, k]).unwrap()[0];
+        let s = model.wire_node("exp", ew(math::Exp {}), &[s]).unwrap()[0];
+        let pv = EinSum::new("abmk,akbn->ambn".parse().unwrap(), f32::datum_type());
+        let o = model.wire_node("mix", pv, &[s, v]).unwrap();
+        model.select_output_outlets(&o).unwrap();
+        model
+    }
+
+    #[test]
+    fn attention_products_match_tract() {
+        check(attention_model(1, 129, 4, 32), 2, 1.0, 1e-5);
+        check(attention_model(2, 7, 2, 48), 2, 1.0, 1e-5);
+        check(attention_model(1, 40, 3, 16), 2, 1.0, 1e-5);
     }
 
     #[test]

@@ -125,8 +125,9 @@ impl ModelRuntime {
                 Err(err) => tracing::warn!("int8 matmuls left to tract: {err:#}"),
             }
         }
-        // Softmax, LayerNorm and GELU chains and the f32 weight matmuls with their bias as one
-        // fused op each (f32fuse.rs, AVX-512); a graph without them is left as it is.
+        // Softmax, LayerNorm and GELU chains, the f32 weight matmuls with their bias and the
+        // attention products as one fused op each (f32fuse.rs, AVX-512); anything else is
+        // left as it is.
         if backend.name() == "cpu" && super::f32fuse::available() {
             let mut fused = typed.clone();
             match super::f32fuse::fuse(&mut fused) {
