@@ -657,7 +657,7 @@ fn product(x: &[f32], xs: usize, rows: usize, k: usize, w: &[f32], y: &mut [f32]
     if rows == 0 || cols == 0 {
         return;
     }
-    assert!(x.len() > (rows - 1) * xs + k - 1 || k == 0);
+    assert!(k == 0 || x.len() >= (rows - 1) * xs + k);
     assert!(y.len() >= (rows - 1) * ys + cols && w.len() >= cols.div_ceil(PANEL) * k * PANEL);
     #[cfg(target_arch = "x86_64")]
     if available() {
