@@ -330,13 +330,12 @@ impl DaemonState {
 
     /// `name status, ...` for `STATUS=` lines.
     fn describe(&self) -> String {
-        let sources = lock(&self.sources);
-        sources
-            .iter()
-            .map(|source| format!("{} {}", source.name, source.status.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        describe_sources(&lock(&self.sources))
     }
+}
+
+fn describe_sources(sources: &[SourceState]) -> String {
+    sources.iter().map(|source| format!("{} {}", source.name, source.status.as_str())).collect::<Vec<_>>().join(", ")
 }
 
 /// Starts the metrics and health endpoint; a failure to bind is logged, not fatal (the daemon's
@@ -440,7 +439,7 @@ fn spawn_health(
                 stages: &[],
             };
             let verdict = health.check(&input);
-            let states = state.describe();
+            let states = describe_sources(&snapshot);
             match &verdict {
                 Verdict::Healthy => {
                     *lock(&state.health) = Ok(());

@@ -105,6 +105,7 @@ mod tests {
 
     use super::*;
     use crate::model::ModelInfo;
+    use crate::model::test_rng::Lcg;
 
     fn shipped() -> ModelInfo {
         ModelInfo::read(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/avsynth-edge.onnx")).unwrap()
@@ -144,11 +145,8 @@ mod tests {
         assert_eq!(count_ops(&restored, "Softmax"), count);
         assert_eq!(restore_softmax(&mut restored), 0, "a second pass finds nothing");
 
-        let mut seed = 7u64;
-        let mut next = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rng = Lcg(7);
+        let mut next = || rng.next();
         let video =
             Tensor::from_shape(&[1, 8, 3, 64, 64], &(0..8 * 3 * 64 * 64).map(|_| next()).collect::<Vec<_>>()).unwrap();
         let audio = Tensor::from_shape(&[1, 256, 128], &(0..256 * 128).map(|_| next()).collect::<Vec<_>>()).unwrap();

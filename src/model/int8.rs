@@ -617,16 +617,8 @@ pub fn fuse(model: &mut TypedModel, amx: bool) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_rng::Lcg;
     use tract_onnx::tract_core::ops::{cast::cast, einsum::EinSum, math};
-
-    /// A small deterministic generator (no dependency).
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> f32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-    }
 
     fn konst(model: &mut TypedModel, name: &str, t: Tensor) -> OutletId {
         model.add_const(name, t).unwrap()
