@@ -81,3 +81,10 @@ pub struct AudioChunk {
     pub pts: RunningTime,
     pub samples: Vec<f32>,
 }
+
+/// Which stream of a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Modality {
+    Video,
+    Audio,
+}

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::capture::Modality;
+use crate::media::Modality;
 
 /// Counters of one source.
 #[derive(Debug, Clone, Default, PartialEq)]

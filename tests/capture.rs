@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, bounded};
 use mbt_edge::capture::{self, CaptureEvent, CaptureFormat, CaptureOptions, SinkMode, SourceStatus};
 use mbt_edge::config::{RestartSettings, Settings, SourceSettings};
-use mbt_edge::stage::{StageOutput, WindowStage};
+use mbt_edge::daemon::{StageOutput, WindowStage};
 use mbt_edge::window::{Window, WindowSettings};
 
 const WIDTH: u32 = 64;

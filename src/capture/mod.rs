@@ -25,15 +25,9 @@ use time::OffsetDateTime;
 pub use describe::{AUDIO_SINK, CaptureFormat, SinkMode, VIDEO_SINK, describe};
 
 use crate::config::SourceSettings;
+pub use crate::media::Modality;
 use crate::media::{AudioChunk, RunningTime, VideoFrame};
 use crate::telemetry;
-
-/// Which stream of a source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Modality {
-    Video,
-    Audio,
-}
 
 /// A source's health as users see it on the status topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

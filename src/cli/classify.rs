@@ -4,15 +4,15 @@
 use std::io::Write;
 use std::path::Path;
 
-use crossbeam_channel::unbounded;
+use crossbeam_channel::bounded;
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::{RestartSettings, SourceKind, SourceSettings};
+use crate::daemon::StageOutput;
+use crate::daemon::infer::{self, ScoredWindow};
 use crate::daemon::{self, Failure, Sources, exit};
-use crate::infer::{self, ScoredWindow};
 use crate::model::ModelRuntime;
-use crate::stage::StageOutput;
 
 #[derive(Serialize)]
 struct Line<'a> {
@@ -62,7 +62,9 @@ pub fn classify(config: &Path, input: &str, top: usize) -> Result<(), Failure> {
     let model = &prepared.model;
     let runtime = ModelRuntime::load(model, prepared.settings.model.runtime, prepared.settings.model.threads)
         .map_err(Failure::config)?;
-    let (results_tx, results) = unbounded();
+    // Scored windows go to a printer thread, so the bounded results channel never waits on the
+    // window stage (which itself waits on the lossless window queue).
+    let (results_tx, results) = bounded::<ScoredWindow>(64);
     let (queue, worker) = infer::spawn(
         runtime,
         model.metadata.clone(),
@@ -72,35 +74,34 @@ pub fn classify(config: &Path, input: &str, top: usize) -> Result<(), Failure> {
         results_tx,
     )
     .map_err(Failure::config)?;
+    let labels = model.metadata.labels.clone();
+    let printer = std::thread::Builder::new()
+        .name("print".into())
+        .spawn(move || {
+            let stdout = std::io::stdout();
+            for scored in results {
+                let line = line(&scored, &labels, top);
+                let mut out = stdout.lock();
+                let _ = serde_json::to_writer(&mut out, &line);
+                let _ = out.write_all(b"\n");
+            }
+        })
+        .map_err(Failure::other)?;
     let stop = daemon::stop_flag().map_err(Failure::other)?;
     let mut sources = Sources::start(&prepared, std::slice::from_ref(&source), false).map_err(Failure::other)?;
     let mut failure = None;
-    let labels = &model.metadata.labels;
-    let stdout = std::io::stdout();
-    let print = |scored: ScoredWindow| {
-        let line = line(&scored, labels, top);
-        let mut out = stdout.lock();
-        let _ = serde_json::to_writer(&mut out, &line);
-        let _ = out.write_all(b"\n");
-    };
-    sources.run(&stop, |_, output| {
-        match output {
-            StageOutput::Window(window) => queue.push(window),
-            StageOutput::Failed { message, .. } => {
-                failure = Some(Failure { code: exit::NO_INPUT, error: anyhow::anyhow!("{input}: {message}") });
-            }
-            StageOutput::Status { .. } | StageOutput::Finished { .. } => {}
+    sources.run(&stop, |_, output| match output {
+        StageOutput::Window(window) => queue.push(window),
+        StageOutput::Failed { message, .. } => {
+            failure = Some(Failure { code: exit::NO_INPUT, error: anyhow::anyhow!("{input}: {message}") });
         }
-        for scored in results.try_iter() {
-            print(scored);
-        }
+        StageOutput::Status { .. } | StageOutput::Finished { .. } => {}
     });
     sources.stop();
+    // The worker finishes the queued windows and drops its sender; the printer then ends.
     drop(queue);
     let _ = worker.join();
-    for scored in results.try_iter() {
-        print(scored);
-    }
+    let _ = printer.join();
     match failure {
         Some(failure) => Err(failure),
         None => Ok(()),

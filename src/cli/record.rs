@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::daemon::StageOutput;
 use crate::daemon::{self, Failure, Sources, exit};
 use crate::features::Featurizer;
 use crate::record::DatasetWriter;
-use crate::stage::StageOutput;
 
 /// Records `windows` windows (after skipping `skip`) of `source_name` labelled `label` into `out`.
 pub fn record(

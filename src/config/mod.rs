@@ -6,18 +6,23 @@
 //! keys are errors. This module reads the file and nothing else: it does not open the model
 //! or a device (`check-config` does that on top).
 
+mod events;
+mod mqtt;
 mod raw;
+mod units;
 mod validate;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use events::RawEvents;
+pub use mqtt::PASSWORD_ENV;
 pub use raw::RawConfig;
+pub use units::{RawBytes, RawDuration, parse_bytes, parse_duration};
 
+use crate::delivery::{MqttSettings, SpoolSettings};
 use crate::events::EventSettings;
-use crate::publish::settings::RawEvents;
-use crate::publish::{MqttSettings, SpoolSettings};
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/mbt-edge/config.toml";
@@ -322,23 +327,6 @@ pub fn span_of(text: &str, key: &str) -> Option<Range<usize>> {
         }
         wanted = &wanted[..wanted.rfind(['.', '['])?];
     }
-}
-
-/// Parses a duration: a number of seconds (`1.5`) or a string with a unit (`"500ms"`, `"2s"`,
-/// `"5m"`, `"1h"`).
-pub fn parse_duration_str(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let scale = match unit.trim() {
-        "ms" => 1e-3,
-        "s" | "" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(number * scale).ok()
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 
 use serde::Deserialize;
 
-pub use crate::publish::settings::{RawEvents, RawMqtt, RawSpool};
+pub use super::events::RawEvents;
+pub use super::mqtt::{RawMqtt, RawSpool};
+pub use super::units::RawDuration;
 use toml::Spanned;
 
 /// The whole file.
@@ -76,14 +78,6 @@ fn default_threads() -> Spanned<i64> {
 }
 fn default_max_batch() -> Spanned<i64> {
     Spanned::new(0..0, 4)
-}
-
-/// A duration: seconds as a number (`1.5`) or a string with a unit (`"500ms"`, `"2s"`, `"1m"`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum RawDuration {
-    Seconds(f64),
-    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawDuration, RawSource};
+use super::raw::{RawConfig, RawSource};
+use super::units::duration_in;
 use super::{
     DEFAULT_METRICS_LISTEN, FieldError, MetricsSettings, ModelSettings, RestartSettings, Runtime, Settings, SourceKind,
-    SourceSettings, TestSource, WindowConfig, parse_duration_str,
+    SourceSettings, TestSource, WindowConfig,
 };
 
 const KINDS: &str = "v4l2, alsa, pulse, rtsp, uri, test, pipeline";
@@ -49,22 +50,22 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
     let max_batch = int_in("model.max_batch", &model.max_batch, 1, 64)? as usize;
 
     let window = WindowConfig {
-        seconds: opt_duration(
+        seconds: duration_in(
             "window.seconds",
             raw.window.seconds.as_ref(),
             Duration::from_millis(100),
             Duration::from_secs(60),
         )?,
-        hop: opt_duration("window.hop", raw.window.hop.as_ref(), Duration::from_millis(10), Duration::from_secs(3600))?
+        hop: duration_in("window.hop", raw.window.hop.as_ref(), Duration::from_millis(10), Duration::from_secs(3600))?
             .unwrap_or(Duration::from_secs(1)),
-        max_lead: opt_duration(
+        max_lead: duration_in(
             "window.max_lead",
             raw.window.max_lead.as_ref(),
             Duration::ZERO,
             Duration::from_secs(600),
         )?
         .unwrap_or(Duration::from_secs(30)),
-        max_wait: opt_duration(
+        max_wait: duration_in(
             "window.max_wait",
             raw.window.max_wait.as_ref(),
             Duration::ZERO,
@@ -210,7 +211,7 @@ fn validate_source(idx: usize, span: std::ops::Range<usize>, raw: RawSource) -> 
                     "must start with rtsp:// or rtsps://",
                 ));
             }
-            let latency = opt_duration(&key("latency"), raw.latency.as_ref(), Duration::ZERO, Duration::from_secs(10))?
+            let latency = duration_in(&key("latency"), raw.latency.as_ref(), Duration::ZERO, Duration::from_secs(10))?
                 .unwrap_or(Duration::from_millis(200));
             let protocols = optional(&raw.protocols);
             if let (Some(value), Some(spanned)) = (&protocols, &raw.protocols) {
@@ -245,7 +246,7 @@ fn validate_source(idx: usize, span: std::ops::Range<usize>, raw: RawSource) -> 
                     as u32,
                 video_extra: optional(&raw.video_extra).unwrap_or_default(),
                 audio_extra: optional(&raw.audio_extra).unwrap_or_default(),
-                duration: opt_duration(
+                duration: duration_in(
                     &key("duration"),
                     raw.duration.as_ref(),
                     Duration::from_millis(1),
@@ -301,21 +302,21 @@ fn validate_source(idx: usize, span: std::ops::Range<usize>, raw: RawSource) -> 
         return Err(FieldError::new(key("video"), Some(span.clone()), "a source needs video, audio or both"));
     }
     let restart = RestartSettings {
-        stall_timeout: opt_duration(
+        stall_timeout: duration_in(
             &key("stall_timeout"),
             raw.stall_timeout.as_ref(),
             Duration::from_millis(100),
             Duration::from_secs(3600),
         )?
         .unwrap_or(Duration::from_secs(5)),
-        backoff_initial: opt_duration(
+        backoff_initial: duration_in(
             &key("backoff_initial"),
             raw.backoff_initial.as_ref(),
             Duration::from_millis(10),
             Duration::from_secs(3600),
         )?
         .unwrap_or(Duration::from_secs(1)),
-        backoff_max: opt_duration(
+        backoff_max: duration_in(
             &key("backoff_max"),
             raw.backoff_max.as_ref(),
             Duration::from_millis(10),
@@ -369,31 +370,6 @@ fn float_in(key: &str, value: Option<&Spanned<f64>>, min: f64, max: f64) -> Resu
         return Err(err(key, value, format!("{number} is out of range; allowed: {min} to {max}")));
     }
     Ok(Some(number))
-}
-
-pub(super) fn opt_duration(
-    key: &str,
-    value: Option<&Spanned<RawDuration>>,
-    min: Duration,
-    max: Duration,
-) -> Result<Option<Duration>, FieldError> {
-    let Some(value) = value else { return Ok(None) };
-    let parsed = match value.get_ref() {
-        RawDuration::Seconds(seconds) => Duration::try_from_secs_f64(*seconds).ok(),
-        RawDuration::Text(text) => parse_duration_str(text),
-    };
-    let Some(duration) = parsed else {
-        return Err(err(
-            key,
-            value,
-            "not a duration; write seconds (1.5) or a string with a unit (\"500ms\", \"2s\", \"1m\")",
-        ));
-    };
-    if duration < min || duration > max {
-        let max_text = if max == Duration::MAX { "no limit".to_string() } else { format!("{max:?}") };
-        return Err(err(key, value, format!("{duration:?} is out of range; allowed: {min:?} to {max_text}")));
-    }
-    Ok(Some(duration))
 }
 
 fn default_device_id() -> String {

@@ -795,35 +795,4 @@ mod tests {
             }
         }
     }
-
-    /// `cargo test --release -- --ignored --nocapture bench_log_mel`
-    #[test]
-    #[ignore]
-    fn bench_log_mel_8s_window_1s_hop() {
-        let recipe = recipe(800);
-        let signal: Vec<f32> = Noise(5).take(16000 * 120).collect();
-        let mut stream = LogMelStream::new(&recipe).unwrap();
-        let mut log_mel = LogMel::new(&recipe).unwrap();
-        let mut out = vec![0.0; 800 * 128];
-        let windows = 100;
-        let start = std::time::Instant::now();
-        for window_idx in 0..windows {
-            let first_sample = window_idx * 16000 % (16000 * 100);
-            log_mel.compute(&signal[first_sample..first_sample + 128000], &mut out);
-            std::hint::black_box(&mut out);
-        }
-        let full = start.elapsed() / windows as u32;
-        stream.window(0, &signal[..128000], &mut out);
-        let start = std::time::Instant::now();
-        for window_idx in 1..=windows {
-            let first_sample = window_idx * 16000;
-            stream.window(first_sample as i64, &signal[first_sample..first_sample + 128000], &mut out);
-            std::hint::black_box(&mut out);
-        }
-        let per_hop = start.elapsed() / windows as u32;
-        println!(
-            "log-mel 8 s / 16 kHz / 800 x 128: whole window {full:?}; streamed, 1 s hop: {per_hop:?} per hop ({} rows computed)",
-            stream.rows_computed()
-        );
-    }
 }

@@ -158,23 +158,4 @@ mod tests {
         video_tensor(&[frame(1, 1, vec![0, 0, 0])], &recipe(2, 1, 1), &mut out);
         assert_eq!(out, [-1.0, -1.0, -1.0, 7.0]);
     }
-
-    /// `cargo test --release -- --ignored --nocapture bench_video`
-    #[test]
-    #[ignore]
-    fn bench_video_tensor_8x224x224() {
-        let recipe = VideoRecipe { frames: 8, height: 224, width: 224, mean: [0.5; 3], std: [0.5; 3] };
-        let frames: Vec<Arc<VideoFrame>> = (0..8)
-            .map(|frame_idx| frame(224, 224, (0..224 * 224 * 3).map(|i| ((i * 7 + frame_idx) % 256) as u8).collect()))
-            .collect();
-        let mut out = vec![0.0f32; 8 * 3 * 224 * 224];
-        let runs = 200;
-        let start = std::time::Instant::now();
-        for _ in 0..runs {
-            video_tensor(std::hint::black_box(&frames), &recipe, &mut out);
-            std::hint::black_box(&mut out);
-        }
-        let per_window = start.elapsed() / runs;
-        println!("video_tensor 8 x 3 x 224 x 224: {per_window:?} per window");
-    }
 }

@@ -34,10 +34,10 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use super::payload::{self, EventPayload, ModelInfo, PublisherInfo, Topics};
-use super::settings::MqttSettings;
-use super::spool::{Spool, SpoolError, SpoolSettings, SpoolStats};
+use super::spool::{Spool, SpoolError, SpoolStats};
 use super::telemetry::{PublishCounters, PublishStats};
 pub use crate::capture::SourceStatus;
+use crate::delivery::{MqttSettings, SpoolSettings};
 use crate::events::{Event, WindowScores};
 
 #[derive(Debug, thiserror::Error)]

@@ -24,25 +24,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Where and how much to spool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpoolSettings {
-    pub dir: PathBuf,
-    /// Bound on the bytes of unacknowledged records (framing included).
-    pub max_bytes: u64,
-    /// Records older than this are dropped (counted and logged) instead of published.
-    pub max_age: Duration,
-}
-
-impl Default for SpoolSettings {
-    fn default() -> Self {
-        SpoolSettings {
-            dir: PathBuf::from("/var/lib/mbt-edge/spool"),
-            max_bytes: 64 * 1024 * 1024,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-        }
-    }
-}
+use crate::delivery::SpoolSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {

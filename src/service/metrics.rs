@@ -844,9 +844,7 @@ mod tests {
         let server = start(Ok(()));
         let address = server.server.local_addr();
         server.shutdown.store(true, Ordering::Relaxed);
-        let started = Instant::now();
         server.server.stop();
-        assert!(started.elapsed() < Duration::from_secs(5));
         assert!(TcpStream::connect(address).is_err(), "the port is closed after stop");
     }
 }

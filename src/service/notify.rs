@@ -150,6 +150,8 @@ mod tests {
         let notifier = Notifier::from_env();
         send(&notifier).unwrap();
         let received = systemd.receive();
+        // SAFETY: set_var/remove_var race only with other threads reading the environment; every
+        // test here that touches it holds ENV_LOCK, and nothing else in this binary reads it.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         assert_eq!(received, expected);
     }
@@ -172,9 +174,13 @@ mod tests {
     fn reloading_carries_a_monotonic_timestamp() {
         let _env = ENV_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let systemd = FakeSystemd::bind("reload");
+        // SAFETY: set_var/remove_var race only with other threads reading the environment; every
+        // test here that touches it holds ENV_LOCK, and nothing else in this binary reads it.
         unsafe { std::env::set_var("NOTIFY_SOCKET", &systemd.path) };
         Notifier::from_env().reloading().unwrap();
         let received = systemd.receive();
+        // SAFETY: set_var/remove_var race only with other threads reading the environment; every
+        // test here that touches it holds ENV_LOCK, and nothing else in this binary reads it.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         let lines: Vec<&str> = received.lines().collect();
         assert_eq!(lines[0], "RELOADING=1");
@@ -185,6 +191,8 @@ mod tests {
     #[test]
     fn without_notify_socket_everything_is_a_no_op() {
         let _env = ENV_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // SAFETY: set_var/remove_var race only with other threads reading the environment; every
+        // test here that touches it holds ENV_LOCK, and nothing else in this binary reads it.
         unsafe {
             std::env::remove_var("NOTIFY_SOCKET");
             std::env::set_var("WATCHDOG_USEC", "30000000");
@@ -195,6 +203,8 @@ mod tests {
         notifier.watchdog().unwrap();
         notifier.reloading().unwrap();
         assert_eq!(notifier.watchdog_interval(), None);
+        // SAFETY: set_var/remove_var race only with other threads reading the environment; every
+        // test here that touches it holds ENV_LOCK, and nothing else in this binary reads it.
         unsafe { std::env::remove_var("WATCHDOG_USEC") };
         assert!(!Notifier::disabled().is_enabled());
     }
@@ -203,6 +213,8 @@ mod tests {
     fn watchdog_interval_comes_from_watchdog_usec() {
         let _env = ENV_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let systemd = FakeSystemd::bind("watchdog");
+        // SAFETY: set_var/remove_var race only with other threads reading the environment; every
+        // test here that touches it holds ENV_LOCK, and nothing else in this binary reads it.
         unsafe {
             std::env::set_var("NOTIFY_SOCKET", &systemd.path);
             std::env::set_var("WATCHDOG_USEC", "30000000");
@@ -212,8 +224,12 @@ mod tests {
         assert_eq!(notifier.watchdog_interval(), Some(Duration::from_secs(30)));
         assert_eq!(notifier.watchdog_ping_period(), Some(Duration::from_secs(15)));
         // A watchdog meant for another process (our parent, say) is not ours to feed.
+        // SAFETY: set_var/remove_var race only with other threads reading the environment; every
+        // test here that touches it holds ENV_LOCK, and nothing else in this binary reads it.
         unsafe { std::env::set_var("WATCHDOG_PID", "1") };
         assert_eq!(notifier.watchdog_interval(), None);
+        // SAFETY: set_var/remove_var race only with other threads reading the environment; every
+        // test here that touches it holds ENV_LOCK, and nothing else in this binary reads it.
         unsafe {
             std::env::remove_var("WATCHDOG_PID");
             std::env::remove_var("WATCHDOG_USEC");

@@ -1,9 +1,11 @@
-//! Shared by the test crates: a real mosquitto on a free loopback port.
+//! Shared by the test crates: a real mosquitto on a free loopback port, the daemon binary as a
+//! child process with its log, and the config files the tests write.
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,7 @@ impl Broker {
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         // As root, mosquitto would switch to its own user, which cannot read these files.
-        let user = if unsafe_is_root() { "user root\n" } else { "" };
+        let user = if is_root() { "user root\n" } else { "" };
         let text = format!("{user}{}", conf_text(port)).replace("{dir}", &dir.path().display().to_string());
         std::fs::write(&conf, text).unwrap();
         let mut broker = Broker { port, conf, child: None, _dir: dir };
@@ -74,13 +76,99 @@ impl Drop for Broker {
     }
 }
 
-fn unsafe_is_root() -> bool {
+fn is_root() -> bool {
     std::env::var("USER").map(|user| user == "root").unwrap_or(false)
         || std::fs::read_to_string("/proc/self/status")
             .map(|status| {
                 status.lines().any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"))
             })
             .unwrap_or(false)
+}
+
+/// The repository root (where config.toml and models/ are).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What a test's config.toml varies; the rest (`[device]`, `[model]` with one thread,
+/// `[window]`, `[mqtt]` on the test broker, `[spool]` in `dir`) is the same for every test.
+pub struct ConfigParts<'a> {
+    pub device: &'a str,
+    pub model: PathBuf,
+    pub hop: f64,
+    pub broker: u16,
+    /// Sources, events and any other tables, appended as written.
+    pub body: &'a str,
+}
+
+/// Writes `dir/config.toml` from `parts`.
+pub fn write_config(dir: &Path, parts: ConfigParts<'_>) -> PathBuf {
+    let config = dir.join("config.toml");
+    let text = format!(
+        "[device]\nid = \"{device}\"\n\n[model]\npath = \"{model}\"\nthreads = 1\n\n[window]\nhop = {hop:?}\n\n\
+         [mqtt]\nurl = \"mqtt://127.0.0.1:{broker}\"\n\n[spool]\ndir = \"{spool}\"\n\n{body}\n",
+        device = parts.device,
+        model = parts.model.display(),
+        hop = parts.hop,
+        broker = parts.broker,
+        spool = dir.join("spool").display(),
+        body = parts.body,
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// `mbt-edge run` as a child process, its stderr in `<tag>.log` beside the config; killed
+/// when dropped.
+pub struct Daemon {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, tag: &str) -> Daemon {
+        Daemon::start_with_env(config, tag, &[])
+    }
+
+    pub fn start_with_env(config: &Path, tag: &str, env: &[(&str, &OsStr)]) -> Daemon {
+        let log = config.with_file_name(format!("{tag}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_mbt-edge"))
+            .args(["run", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, name: &str) {
+        signal(&self.child, name);
+    }
+
+    /// Waits for the exit; the exit code (None: killed by a signal).
+    pub fn wait(&mut self) -> Option<i32> {
+        self.child.wait().unwrap().code()
+    }
+
+    /// SIGTERM, then the exit code and the log.
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        self.signal("TERM");
+        let code = self.wait();
+        (code, self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Sends signal `name` (e.g. "TERM", "KILL", "HUP") to `child`.
