@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use time::OffsetDateTime;
 
-use super::{Event, EventKind, EventSettings, LabelScores, Require, WindowScores};
+use super::{Event, EventKind, EventSettings, LabelOverride, LabelScores, LabelSettings, Require, WindowScores};
 
 /// Makes event ids: UUID v4 strings from a seeded RNG.
 #[derive(Debug, Clone)]
@@ -53,6 +53,8 @@ pub struct EventEngine {
     multi_label: bool,
     ids: EventIdGenerator,
     sources: HashMap<String, SourceState>,
+    /// Run-time changes per (source, label), over `settings`.
+    overrides: HashMap<(String, String), LabelOverride>,
 }
 
 impl EventEngine {
@@ -67,7 +69,7 @@ impl EventEngine {
         multi_label: bool,
         ids: EventIdGenerator,
     ) -> Self {
-        EventEngine { settings, labels, multi_label, ids, sources: HashMap::new() }
+        EventEngine { settings, labels, multi_label, ids, sources: HashMap::new(), overrides: HashMap::new() }
     }
 
     pub fn labels(&self) -> &[String] {
@@ -103,6 +105,11 @@ impl EventEngine {
             return Vec::new();
         }
         source_state.last_window_end = Some(scores.window_end);
+        let effective: Vec<LabelSettings> = self
+            .labels
+            .iter()
+            .map(|label| effective_settings(&self.settings, &self.overrides, &scores.source, label))
+            .collect();
         source_state.last_window_start = Some(scores.window_start);
 
         let audio = heads_of_len(scores.audio.as_deref(), n_labels, scores.degraded, super::Degraded::AudioLost);
@@ -111,7 +118,7 @@ impl EventEngine {
 
         let mut events = Vec::new();
         for (label_idx, label) in self.labels.iter().enumerate() {
-            let label_settings = self.settings.for_label(label);
+            let label_settings = &effective[label_idx];
             if !label_settings.enabled {
                 continue;
             }
@@ -191,13 +198,44 @@ impl EventEngine {
     }
 
     /// Replaces the settings (a config reload). Open events stay open and go on under the new
-    /// thresholds; those of labels that are now disabled end now. Returns those `end`s.
+    /// thresholds; those of labels that are now disabled end now. Run-time overrides stay.
+    /// Returns those `end`s.
     pub fn set_settings(&mut self, settings: EventSettings) -> Vec<Event> {
         self.settings = settings;
-        let disabled: Vec<bool> = self.labels.iter().map(|label| !self.settings.for_label(label).enabled).collect();
         let mut sources: Vec<String> = self.sources.keys().cloned().collect();
         sources.sort();
-        sources.into_iter().flat_map(|source| self.end_open_events(&source, |label_idx| disabled[label_idx])).collect()
+        sources.into_iter().flat_map(|source| self.end_disabled(&source)).collect()
+    }
+
+    /// Sets (or, with an empty override, clears) the run-time override of `label` on
+    /// `source`; an open event of a label it disables ends now, and that `end` is returned.
+    /// Labels the model does not have are ignored.
+    pub fn set_override(&mut self, source: &str, label: &str, over: LabelOverride) -> Vec<Event> {
+        if !self.labels.iter().any(|known| known == label) {
+            return Vec::new();
+        }
+        let key = (source.to_owned(), label.to_owned());
+        if over.is_empty() {
+            self.overrides.remove(&key);
+        } else {
+            self.overrides.insert(key, over);
+        }
+        self.end_disabled(source)
+    }
+
+    /// The settings `label` runs with on `source`: the config's, with its override applied.
+    pub fn label_settings(&self, source: &str, label: &str) -> LabelSettings {
+        effective_settings(&self.settings, &self.overrides, source, label)
+    }
+
+    /// Ends the open events of `source` whose label is disabled now.
+    fn end_disabled(&mut self, source: &str) -> Vec<Event> {
+        let disabled: Vec<bool> = self
+            .labels
+            .iter()
+            .map(|label| !effective_settings(&self.settings, &self.overrides, source, label).enabled)
+            .collect();
+        self.end_open_events(source, |label_idx| disabled[label_idx])
     }
 
     /// Ends the open events of `source` whose label index passes `which`.
@@ -245,6 +283,19 @@ impl EventEngine {
             .collect();
         sources.sort();
         sources
+    }
+}
+
+fn effective_settings(
+    settings: &EventSettings,
+    overrides: &HashMap<(String, String), LabelOverride>,
+    source: &str,
+    label: &str,
+) -> LabelSettings {
+    let configured = settings.for_label(label);
+    match overrides.get(&(source.to_owned(), label.to_owned())) {
+        Some(over) => configured.with_override(over),
+        None => configured.clone(),
     }
 }
 
@@ -325,7 +376,7 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
-    use crate::events::{Degraded, LabelSettings};
+    use crate::events::{Degraded, LabelOverride, LabelSettings};
 
     const T0: OffsetDateTime = datetime!(2026-11-28 12:00:00 UTC);
 
@@ -406,6 +457,35 @@ mod tests {
         assert_eq!(kinds(ended), ["b:end"]);
         assert_eq!(kinds(engine.process(&both(1))), ["a:start"]);
         assert!(engine.process(&both(2)).is_empty());
+    }
+
+    #[test]
+    fn overrides_apply_per_source_and_label_and_survive_a_reload() {
+        let labels = vec!["a".to_owned(), "b".to_owned()];
+        let config = EventSettings { default: settings(0.6, 0.4, 1, 0), per_label: HashMap::new() };
+        let mut engine = EventEngine::with_id_generator(config.clone(), labels, true, EventIdGenerator::from_seed(7));
+        let kinds =
+            |events: Vec<Event>| events.iter().map(|e| format!("{}:{}", e.label, e.kind.as_str())).collect::<Vec<_>>();
+        let at = |source: &str, idx| window(source, idx, vec![0.7, 0.7]);
+        assert_eq!(kinds(engine.process(&at("porch", 0))), ["a:start", "b:start"]);
+        // Disabling b on porch ends its open event there and only there.
+        let off = LabelOverride { enabled: Some(false), threshold: None };
+        assert_eq!(kinds(engine.set_override("porch", "b", off)), ["b:end"]);
+        assert!(engine.process(&at("porch", 1)).is_empty());
+        assert_eq!(kinds(engine.process(&at("yard", 1))), ["a:start", "b:start"]);
+        // A higher threshold for a on yard keeps the configured gap of 0.2 to its off threshold.
+        let strict = LabelOverride { enabled: None, threshold: Some(0.9) };
+        assert!(engine.set_override("yard", "a", strict).is_empty());
+        assert_eq!(engine.label_settings("yard", "a").off_threshold, 0.7);
+        assert_eq!(engine.label_settings("porch", "a").threshold, 0.6);
+        // A reload keeps the overrides: b stays off on porch.
+        assert!(engine.set_settings(config).is_empty());
+        assert!(!engine.label_settings("porch", "b").enabled);
+        // Clearing the override gives the config's settings back.
+        assert!(engine.set_override("porch", "b", LabelOverride::default()).is_empty());
+        assert_eq!(kinds(engine.process(&at("porch", 2))), ["b:start"]);
+        // Unknown labels are ignored.
+        assert!(engine.set_override("porch", "unicorn", off).is_empty());
     }
 
     #[test]

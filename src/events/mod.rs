@@ -90,6 +90,39 @@ impl Default for LabelSettings {
 }
 
 /// Settings of the whole engine: defaults plus per-label overrides (already merged).
+/// A change made at run time (from Home Assistant or MQTT) to one label of one source, on top
+/// of the config's settings; `None` keeps the config's value.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LabelOverride {
+    pub enabled: Option<bool>,
+    pub threshold: Option<f32>,
+}
+
+impl LabelOverride {
+    pub fn is_empty(&self) -> bool {
+        self.enabled.is_none() && self.threshold.is_none()
+    }
+}
+
+impl LabelSettings {
+    /// These settings with `over` applied. A new threshold keeps the configured gap to the
+    /// off threshold (never below 0), so hysteresis behaves as configured. A label the config
+    /// disables stays disabled: overrides act on the labels the config enables.
+    pub fn with_override(&self, over: &LabelOverride) -> LabelSettings {
+        let mut settings = self.clone();
+        if let Some(enabled) = over.enabled {
+            settings.enabled = self.enabled && enabled;
+        }
+        if let Some(threshold) = over.threshold {
+            let gap = (self.threshold - self.off_threshold).max(0.0);
+            settings.threshold = threshold;
+            // Rounded as the config's default gap is, so 0.9 - 0.2 gives 0.7, not 0.6999999.
+            settings.off_threshold = ((threshold - gap).max(0.0) * 10_000.0).round() / 10_000.0;
+        }
+        settings
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct EventSettings {
     pub default: LabelSettings,
