@@ -534,3 +534,113 @@ fn watchdog_pings_stop_when_the_only_source_stalls() {
     assert_eq!(pings_after, 0, "{lines:?}");
     assert!(lines.iter().any(|line| line.starts_with("STATUS=unhealthy: no windows")), "{lines:?}");
 }
+
+/// Home Assistant's view, against a real mosquitto: a label's state is retained (a subscriber
+/// that comes in the middle of an event gets ON, then OFF), a switch command turns the label
+/// off (its event ends and no start follows, after a restart too) and the switch's state shows
+/// on its retained topic.
+#[test]
+fn retained_label_state_and_a_label_switched_off_over_mqtt_that_stays_off_after_a_restart() {
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    let events = Subscriber::start(broker.port, "mbt-edge/testbox/yard/events");
+    let mut daemon = start_daemon(&config);
+    let log = || std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    let parsed = |payload: &str| serde_json::from_str::<Value>(payload).unwrap_or(Value::Null);
+    let first_start = || -> Option<Value> {
+        events.messages().iter().map(|(_, payload)| parsed(payload)).find(|event| event["type"] == "start")
+    };
+    events.wait_for("a start", Duration::from_secs(30), |_| first_start().is_some());
+    let start = first_start().unwrap();
+    let label = start["label"].as_str().unwrap().to_string();
+    let base = format!("mbt-edge/testbox/yard/labels/{label}");
+    let (state_topic, enabled_topic) = (format!("{base}/state"), format!("{base}/enabled"));
+    let last = |messages: &[(String, String)], topic: &str| {
+        messages.iter().rev().find(|(t, _)| t == topic).map(|(_, payload)| payload.clone())
+    };
+
+    let late = Subscriber::start(broker.port, &format!("{base}/#"));
+    late.wait_for("the retained ON of the open event", Duration::from_secs(10), |messages| {
+        last(messages, &state_topic).is_some_and(|state| parsed(&state)["state"] == "ON")
+            && last(messages, &enabled_topic).as_deref() == Some("ON")
+    });
+    let state = parsed(&last(&late.messages(), &state_topic).unwrap());
+    assert_eq!(state["event_id"], start["id"], "{state}");
+
+    common::mqtt_publish(broker.port, &format!("{enabled_topic}/set"), "OFF");
+    events.wait_for("the end of the switched-off label's event", Duration::from_secs(10), |messages| {
+        messages.iter().any(|(_, payload)| {
+            let event = parsed(payload);
+            event["type"] == "end" && event["id"] == start["id"]
+        })
+    });
+    late.wait_for("OFF on the state and the switch", Duration::from_secs(10), |messages| {
+        last(messages, &state_topic).is_some_and(|state| parsed(&state)["state"] == "OFF")
+            && last(messages, &enabled_topic).as_deref() == Some("OFF")
+    });
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(), Some(0), "{}", log());
+    assert!(log().contains("control from MQTT applied"), "{}", log());
+    let saved = std::fs::read_to_string(dir.path().join("controls.json")).unwrap();
+    assert!(saved.contains(&label), "{saved}");
+
+    // After a restart the label stays off: windows flow (sound levels), no start of it.
+    let after = Subscriber::start(broker.port, "mbt-edge/testbox/yard/#");
+    let mut daemon = Daemon::start(&config, "second");
+    after.wait_for("eight windows", Duration::from_secs(30), |messages| {
+        messages.iter().filter(|(topic, _)| topic.ends_with("/sound_level")).count() >= 8
+    });
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(), Some(0), "{}", daemon.log());
+    let messages = after.messages();
+    let starts_of_label = messages
+        .iter()
+        .filter(|(topic, payload)| {
+            topic.ends_with("/events") && parsed(payload)["type"] == "start" && parsed(payload)["label"] == label
+        })
+        .count();
+    assert_eq!(starts_of_label, 0, "{messages:#?}");
+    assert_eq!(last(&messages, &enabled_topic).as_deref(), Some("OFF"), "{messages:#?}");
+    assert!(daemon.log().contains("control from MQTT in force"), "{}", daemon.log());
+}
+
+/// The sound-level sensor: 20 log10 of the RMS of each hop, in dBFS. A sine at volume 0.3
+/// reads 20 log10(0.3 / sqrt 2) = -13.5 dBFS; silence reads below -60.
+#[test]
+fn sound_level_reads_a_sine_at_volume_0_3_as_minus_13_5_dbfs_and_silence_below_minus_60() {
+    let broker = Broker::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let source = |name: &str, wave: &str| {
+        format!(
+            "[[source]]\nname = \"{name}\"\nkind = \"test\"\npattern = \"ball\"\nwave = \"{wave}\"\nfreq = 440.0\nvolume = 0.3\nfps = 15\nwidth = 160\nheight = 120\n"
+        )
+    };
+    let body = format!("{}\n{}", source("tone", "sine"), source("quiet", "silence"));
+    let model = repo().join("models/testdata/mbt-tiny.onnx");
+    let config = common::write_config(
+        dir.path(),
+        ConfigParts { device: "testbox", model, hop: 0.5, broker: broker.port, body: &body },
+    );
+    let levels = Subscriber::start(broker.port, "mbt-edge/testbox/+/sound_level");
+    let mut daemon = start_daemon(&config);
+    let of = |messages: &[(String, String)], source: &str| -> Vec<f64> {
+        let topic = format!("mbt-edge/testbox/{source}/sound_level");
+        messages.iter().filter(|(t, _)| *t == topic).filter_map(|(_, payload)| payload.parse().ok()).collect()
+    };
+    levels.wait_for("six levels of each source", Duration::from_secs(30), |messages| {
+        of(messages, "tone").len() >= 6 && of(messages, "quiet").len() >= 6
+    });
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(), Some(0), "{}", daemon.log());
+    let messages = levels.messages();
+    // The first window of a live source can start before its audio: judge the later ones.
+    let tone = of(&messages, "tone");
+    let expected = 20.0 * (0.3f64 / 2f64.sqrt()).log10();
+    for level in &tone[2..] {
+        assert!((level - expected).abs() <= 0.5, "tone levels {tone:?}, expected {expected:.2}");
+    }
+    let quiet = of(&messages, "quiet");
+    assert!(quiet[2..].iter().all(|&level| level < -60.0), "silence levels {quiet:?}");
+    eprintln!("sound levels: tone {tone:?} (expected {expected:.2}), silence {quiet:?}");
+}

@@ -146,6 +146,7 @@ fn publisher_info() -> PublisherInfo {
         sources: vec![SOURCE.to_owned()],
         labels: labels(),
         enabled_labels: labels(),
+        audio_sources: vec![SOURCE.to_owned()],
         model: ModelInfo { name: "mbt-test".to_owned(), sha256: "0".repeat(64) },
     }
 }
@@ -256,15 +257,18 @@ fn events_arrive_on_contract_topics_in_order_and_match_the_schema() {
     for event in &events {
         publisher.publish_event(event).unwrap();
     }
-    publisher.publish_scores(&WindowScores {
-        source: SOURCE.to_owned(),
-        window_start: OffsetDateTime::now_utc() - Duration::from_secs(8),
-        window_end: OffsetDateTime::now_utc(),
-        fused: vec![0.2, 0.7],
-        audio: None,
-        video: None,
-        degraded: None,
-    });
+    publisher.publish_scores(
+        &WindowScores {
+            source: SOURCE.to_owned(),
+            window_start: OffsetDateTime::now_utc() - Duration::from_secs(8),
+            window_end: OffsetDateTime::now_utc(),
+            fused: vec![0.2, 0.7],
+            audio: None,
+            video: None,
+            degraded: None,
+        },
+        Some(-20.0),
+    );
     collector.wait_for("all events", Duration::from_secs(10), |c| c.events().len() >= events.len());
     assert!(publisher.wait_until_flushed(Duration::from_secs(5)), "spool drained by PUBACKs");
 

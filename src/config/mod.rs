@@ -86,6 +86,8 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     pub spool: SpoolSettings,
     pub metrics: MetricsSettings,
+    /// `[device] state_dir`: the daemon's own state (run-time controls).
+    pub state_dir: PathBuf,
 }
 
 /// `[metrics]`: where the health and metrics endpoint listens; `None` when disabled.

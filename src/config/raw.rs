@@ -51,6 +51,10 @@ pub struct RawMetrics {
 pub struct RawDevice {
     /// Device id used in MQTT topics; default: the hostname.
     pub id: Option<Spanned<String>>,
+    /// Where the daemon keeps its own state (`controls.json`: labels switched off and
+    /// thresholds set from Home Assistant or MQTT). Default: the folder above `[spool] dir`
+    /// (`/var/lib/mbt-edge`, the unit's StateDirectory). Relative to this file's folder.
+    pub state_dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

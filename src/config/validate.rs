@@ -107,6 +107,14 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
         let enabled = raw.metrics.enabled.as_ref().is_none_or(|enabled| *enabled.get_ref());
         MetricsSettings { listen: enabled.then_some(listen) }
     };
+    let config_dir = path.parent().unwrap_or(Path::new("."));
+    let spool = {
+        let mut spool = raw.spool.validate()?;
+        if spool.dir.is_relative() {
+            spool.dir = config_dir.join(&spool.dir);
+        }
+        spool
+    };
     Ok(Settings {
         file: path.to_path_buf(),
         device_id,
@@ -117,13 +125,11 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
         events: raw.events.clone().validate()?,
         events_raw: raw.events,
         mqtt,
-        spool: {
-            let mut spool = raw.spool.validate()?;
-            if spool.dir.is_relative() {
-                spool.dir = path.parent().unwrap_or(Path::new(".")).join(&spool.dir);
-            }
-            spool
+        state_dir: match &raw.device.state_dir {
+            Some(dir) => config_dir.join(non_empty("device.state_dir", dir)?),
+            None => spool.dir.parent().unwrap_or(&spool.dir).to_path_buf(),
         },
+        spool,
         metrics,
     })
 }

@@ -1,7 +1,9 @@
 //! The events thread: owns the event engine and the publisher. Scored windows become events,
 //! statuses and reloads arrive as [`Notice`]s, so the publisher has one owner and shuts down
 //! cleanly. A reload that changes MQTT or spool settings replaces the publisher; while a new
-//! one fails to start, events wait in memory and starting is retried every second.
+//! one fails to start, events wait in memory and starting is retried every second. Control
+//! commands from MQTT ([`Controls`]) are applied to the engine here, kept on disk, and their
+//! state echoed on the retained control topics.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, select};
 use serde_json::{Map, Value, json};
 
+use super::controls::Controls;
 use super::infer::ScoredWindow;
 use super::prepare::Prepared;
 use super::state::{DaemonState, PublisherGauges, lock};
@@ -38,6 +41,7 @@ impl PublishConfig {
         let settings = &prepared.settings;
         let model = &prepared.model;
         let labels = model.metadata.labels.clone();
+        let model_hears = model.metadata.audio.is_some();
         PublishConfig {
             events: settings.events.clone(),
             mqtt: settings.mqtt.clone(),
@@ -45,6 +49,12 @@ impl PublishConfig {
             info: PublisherInfo {
                 sources: settings.sources.iter().map(|source| source.name.clone()).collect(),
                 enabled_labels: settings.events.enabled_labels(&labels),
+                audio_sources: settings
+                    .sources
+                    .iter()
+                    .filter(|source| source.audio && model_hears)
+                    .map(|source| source.name.clone())
+                    .collect(),
                 labels,
                 model: publish::ModelInfo { name: model.name().to_string(), sha256: model.sha256.clone() },
             },
@@ -68,6 +78,9 @@ struct PublisherSlot {
     config: PublishConfig,
     waiting: VecDeque<Event>,
     last_attempt: Instant,
+    /// Counts the publishers started, so the events thread knows when to announce the
+    /// control states to a new one.
+    generation: u64,
 }
 
 impl PublisherSlot {
@@ -88,6 +101,7 @@ impl PublisherSlot {
                 Ok(publisher) => {
                     tracing::info!("publisher started again");
                     self.publisher = Some(publisher);
+                    self.generation += 1;
                 }
                 Err(err) => tracing::error!(error = %err, waiting = self.waiting.len(), "publisher still not started"),
             }
@@ -110,6 +124,7 @@ impl PublisherSlot {
             old.shutdown(Duration::from_secs(2));
         }
         let previous = std::mem::replace(&mut self.config, config);
+        self.generation += 1;
         match self.config.start_publisher() {
             Ok(publisher) => self.publisher = Some(publisher),
             Err(err) => {
@@ -141,16 +156,32 @@ pub(super) fn events_loop(
     mut engine: EventEngine,
     publisher: Publisher,
     config: PublishConfig,
+    mut controls: Controls,
     results: Receiver<ScoredWindow>,
     notices: Receiver<Notice>,
     state: &DaemonState,
 ) {
-    let mut slot =
-        PublisherSlot { publisher: Some(publisher), config, waiting: VecDeque::new(), last_attempt: Instant::now() };
+    for (source, label, over) in controls.iter() {
+        tracing::info!(source, label, enabled = ?over.enabled, threshold = ?over.threshold, "control from MQTT in force");
+        engine.set_override(source, label, *over);
+    }
+    let mut slot = PublisherSlot {
+        publisher: Some(publisher),
+        config,
+        waiting: VecDeque::new(),
+        last_attempt: Instant::now(),
+        generation: 1,
+    };
+    let mut echoed_generation = 0;
     let mut results_open = true;
     let mut notices_open = true;
     let mut last_stats = Instant::now();
     while results_open || notices_open {
+        if echoed_generation != slot.generation {
+            echoed_generation = slot.generation;
+            echo_controls(&engine, &slot);
+        }
+        let control_commands = slot.publisher.as_ref().map_or_else(crossbeam_channel::never, Publisher::controls);
         select! {
             recv(if results_open { results.clone() } else { crossbeam_channel::never() }) -> message => match message {
                 Ok(scored) => {
@@ -164,7 +195,10 @@ pub(super) fn events_loop(
                         degraded: scored.degraded,
                     };
                     if let Some(publisher) = &slot.publisher {
-                        publisher.publish_scores(&scores);
+                        publisher.publish_scores(&scores, scored.sound_dbfs);
+                        if let Some(dbfs) = scored.sound_dbfs {
+                            publisher.publish_sound_level(&scores.source, dbfs);
+                        }
                     }
                     let events = engine.process(&scores);
                     slot.publish(events);
@@ -181,8 +215,28 @@ pub(super) fn events_loop(
                 Ok(Notice::Reload(config)) => {
                     slot.publish(engine.set_settings(config.events.clone()));
                     slot.reconfigure(*config);
+                    for (source, label, over) in controls.iter() {
+                        tracing::info!(
+                            source, label, enabled = ?over.enabled, threshold = ?over.threshold,
+                            "control from MQTT still overrides config.toml (clear it with an empty set message)"
+                        );
+                    }
+                    // Thresholds of labels without a control may have changed.
+                    echoed_generation = 0;
                 }
                 Err(_) => notices_open = false,
+            },
+            recv(control_commands) -> message => if let Ok(control) = message {
+                let over = controls.apply(&control);
+                tracing::info!(
+                    source = control.source, label = control.label, enabled = ?over.enabled,
+                    threshold = ?over.threshold, "control from MQTT applied"
+                );
+                slot.publish(engine.set_override(&control.source, &control.label, over));
+                if let Some(publisher) = &slot.publisher {
+                    let settings = engine.label_settings(&control.source, &control.label);
+                    publisher.set_label_control(&control.source, &control.label, settings.enabled, settings.threshold);
+                }
             },
             default(Duration::from_secs(1)) => {}
         }
@@ -205,6 +259,18 @@ pub(super) fn events_loop(
     if let Some(publisher) = slot.publisher.take() {
         publisher.set_runtime_stats(runtime_stats());
         publisher.shutdown(Duration::from_secs(5));
+    }
+}
+
+/// Announces every label's control state (enabled, threshold) as the engine applies it.
+fn echo_controls(engine: &EventEngine, slot: &PublisherSlot) {
+    let Some(publisher) = &slot.publisher else { return };
+    let info = &slot.config.info;
+    for source in &info.sources {
+        for label in &info.enabled_labels {
+            let settings = engine.label_settings(source, label);
+            publisher.set_label_control(source, label, settings.enabled, settings.threshold);
+        }
     }
 }
 

@@ -30,6 +30,8 @@ pub struct ScoredWindow {
     pub fused: Vec<f32>,
     pub audio: Option<Vec<f32>>,
     pub video: Option<Vec<f32>>,
+    /// The window's sound level (`WindowStats::audio_dbfs`).
+    pub sound_dbfs: Option<f32>,
     /// Time spent in features and inference for this window's batch.
     pub features_time: Duration,
     pub inference_time: Duration,
@@ -140,6 +142,7 @@ pub fn spawn(
                     ),
                     audio: logits.audio.as_deref().map(|values| probabilities(values, metadata.multi_label)),
                     video: logits.video.as_deref().map(|values| probabilities(values, metadata.multi_label)),
+                    sound_dbfs: window.stats.audio_dbfs,
                     features_time,
                     inference_time,
                     batch_size: n,

@@ -6,6 +6,7 @@
 //! (event engine and publisher), the health thread, the metrics endpoint and SIGHUP reload.
 //! The commands in `cli` call into here; no command-line parsing happens in this module.
 
+mod controls;
 mod events;
 mod health;
 pub mod infer;

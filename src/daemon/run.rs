@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
+use super::controls::Controls;
 use super::events::{self, Notice, PublishConfig};
 use super::health;
 use super::infer::{self, ScoredWindow};
@@ -59,11 +60,12 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let state = Arc::new(DaemonState::new(settings.sources.iter().map(|source| source.name.clone()), capacity));
     let (notices_tx, notices) = bounded::<Notice>(NOTICES_CAPACITY);
     let engine = EventEngine::new(settings.events.clone(), model.metadata.labels.clone(), model.metadata.multi_label);
+    let controls = Controls::load(&settings.state_dir);
     let events_thread = {
         let state = state.clone();
         std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || events::events_loop(engine, publisher, publish_config, results, notices, &state))
+            .spawn(move || events::events_loop(engine, publisher, publish_config, controls, results, notices, &state))
             .map_err(Failure::other)?
     };
     let metrics = settings.metrics.listen.and_then(|address| health::start_metrics(address, &state, &queue, &stop));

@@ -3,6 +3,8 @@
 //! contract's payloads ([`payload`]). It runs with typed settings (`crate::delivery`) and knows
 //! nothing of config.toml.
 
+#[cfg(test)]
+mod ha_keys;
 pub mod mqtt;
 pub mod payload;
 pub mod spool;
@@ -10,6 +12,6 @@ mod telemetry;
 
 pub use crate::delivery::{BrokerUrl, MqttSettings, SpoolSettings};
 pub use mqtt::{PublishError, Publisher, SourceStatus};
-pub use payload::{ModelInfo, PublisherInfo};
+pub use payload::{Control, ControlChange, ModelInfo, PublisherInfo};
 pub use spool::Spool;
 pub use telemetry::PublishStats;

@@ -4,8 +4,12 @@
 //!   backoff, logs each failure with a reason and a hint, and maps broker acknowledgements
 //!   (PUBACK for QoS 1, the socket write for QoS 0) back to spool seqs.
 //! - `mqtt-publish` owns what goes out: it replays the spool in seq order on every (re)connect
-//!   with `replayed: true`, sends new events, retained availability and source status, Home
-//!   Assistant discovery, scores and stats, and removes events from the spool once acked.
+//!   with `replayed: true`, sends new events, retained availability, source status, label
+//!   states and control states (all republished on every connect), Home Assistant discovery,
+//!   scores, sound levels and stats, and removes events from the spool once acked.
+//! - Control commands (`.../labels/<label>/{enabled,threshold}/set`) arrive on the connection
+//!   thread and go, parsed, to [`Publisher::controls`]; the daemon applies and persists them
+//!   and echoes their state back through [`Publisher::set_label_control`].
 //!
 //! Every event is appended and fsynced to the spool on the caller's thread before
 //! [`Publisher::publish_event`] returns, so nothing that call accepted is lost by a crash.
@@ -33,12 +37,12 @@ use rumqttc::{
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use super::payload::{self, EventPayload, ModelInfo, PublisherInfo, Topics};
+use super::payload::{self, Control, EventPayload, ModelInfo, PublisherInfo, Topics};
 use super::spool::{Spool, SpoolError, SpoolStats};
 use super::telemetry::{PublishCounters, PublishStats};
 pub use crate::capture::SourceStatus;
 use crate::delivery::{MqttSettings, SpoolSettings};
-use crate::events::{Event, WindowScores};
+use crate::events::{Event, EventKind, WindowScores};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -66,7 +70,12 @@ pub struct Publisher {
     topics: Topics,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    controls: Receiver<Control>,
 }
+
+/// Control commands waiting for the daemon; they come at human pace, so a full channel (the
+/// daemon not reading) drops the command with a warning.
+const CONTROLS_QUEUE: usize = 64;
 
 impl Publisher {
     /// Opens the spool and starts the threads; connecting happens in the background, so a
@@ -82,6 +91,15 @@ impl Publisher {
         let (client, connection) = Client::new(options, REQUEST_QUEUE);
         let (tx, rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let (controls_tx, controls) = crossbeam_channel::bounded::<Control>(CONTROLS_QUEUE);
+        // Every label starts OFF: a daemon that starts has no open event (a retained ON left
+        // by one that was killed is corrected on the first connect).
+        let retained: BTreeMap<String, Vec<u8>> = info
+            .sources
+            .iter()
+            .flat_map(|source| info.enabled_labels.iter().map(move |label| (source, label)))
+            .map(|(source, label)| (topics.label_state(source, label), payload::label_state_message(None)))
+            .collect();
         let counters = Arc::new(PublishCounters::default());
         let shared = Arc::new(Mutex::new(Shared { mode: Mode::Disconnected, tags: VecDeque::new() }));
         let stop = Arc::new(AtomicBool::new(false));
@@ -97,6 +115,8 @@ impl Publisher {
             topics: topics.clone(),
             url: settings.url.to_string(),
             qos0_events: settings.qos == 0,
+            info: info.clone(),
+            controls: controls_tx,
         };
         let worker = Worker {
             client,
@@ -113,6 +133,7 @@ impl Publisher {
             queued: HashSet::new(),
             outbox: VecDeque::new(),
             statuses: BTreeMap::new(),
+            retained,
             runtime_stats: Map::new(),
             shutdown: None,
         };
@@ -135,6 +156,7 @@ impl Publisher {
             topics,
             threads: vec![worker_thread, conn_thread],
             stop,
+            controls,
         })
     }
 
@@ -148,6 +170,10 @@ impl Publisher {
                 self.counters.event_spooled();
                 // Sent under the spool lock so the worker sees seqs in order.
                 self.commands.send(Message::Spooled(seq)).map_err(|_| PublishError::Stopped)?;
+                if matches!(event.kind, EventKind::Start | EventKind::End) {
+                    let topic = self.topics.label_state(&event.source, &event.label);
+                    let _ = self.commands.send(Message::Retained(topic, payload::label_state_message(Some(event))));
+                }
                 Ok(seq)
             }
             Err(e) => {
@@ -162,12 +188,39 @@ impl Publisher {
         let _ = self.commands.send(Message::Status(source.to_owned(), status));
     }
 
-    /// Publishes a window's top scores (QoS 0) when `mqtt.publish_scores` is on.
-    pub fn publish_scores(&self, scores: &WindowScores) {
+    /// Control commands from MQTT (Home Assistant's switches and numbers), parsed.
+    pub fn controls(&self) -> Receiver<Control> {
+        self.controls.clone()
+    }
+
+    /// The retained state of a label's controls on a source, as the daemon now applies them;
+    /// republished on every reconnect.
+    pub fn set_label_control(&self, source: &str, label: &str, enabled: bool, threshold: f32) {
+        let enabled = if enabled { "ON" } else { "OFF" };
+        let _ = self.commands.send(Message::Retained(self.topics.label_enabled(source, label), enabled.into()));
+        let threshold = format!("{}", (threshold * 10_000.0).round() / 10_000.0);
+        let _ = self.commands.send(Message::Retained(self.topics.label_threshold(source, label), threshold.into()));
+    }
+
+    /// Publishes a source's sound level (dBFS, retained, QoS 0); dropped while disconnected.
+    pub fn publish_sound_level(&self, source: &str, dbfs: f32) {
+        if !dbfs.is_finite() {
+            return;
+        }
+        let _ = self.commands.send(Message::Outgoing(OutMessage {
+            topic: self.topics.sound_level(source),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            payload: format!("{dbfs:.1}").into_bytes(),
+        }));
+    }
+
+    /// Publishes a window's top scores and sound level (QoS 0) when `mqtt.publish_scores` is on.
+    pub fn publish_scores(&self, scores: &WindowScores, sound_dbfs: Option<f32>) {
         if !self.publish_scores {
             return;
         }
-        let message = payload::scores_message(scores, &self.labels);
+        let message = payload::scores_message(scores, &self.labels, sound_dbfs);
         let _ = self.commands.send(Message::Outgoing(OutMessage {
             topic: self.topics.scores(&scores.source),
             qos: QoS::AtMostOnce,
@@ -277,6 +330,8 @@ const SYSTEM_CA_BUNDLES: &[&str] =
 enum Message {
     Spooled(u64),
     Status(String, SourceStatus),
+    /// A retained message the broker must hold the latest of: sent now and on every connect.
+    Retained(String, Vec<u8>),
     Outgoing(OutMessage),
     RuntimeStats(Map<String, Value>),
     StatsNow,
@@ -332,6 +387,8 @@ struct ConnectionLoop {
     topics: Topics,
     url: String,
     qos0_events: bool,
+    info: PublisherInfo,
+    controls: Sender<Control>,
 }
 
 impl ConnectionLoop {
@@ -430,6 +487,21 @@ impl ConnectionLoop {
                 {
                     let _ = self.to_worker.send(Message::HomeAssistantOnline);
                 }
+                MqttEvent::Incoming(Incoming::Publish(publish))
+                    if self.topics.parse_control(&publish.topic).is_some() =>
+                {
+                    match payload::parse_control(&self.topics, &self.info, &publish.topic, &publish.payload) {
+                        Ok(control) => {
+                            if self.controls.try_send(control).is_err() {
+                                tracing::warn!(
+                                    topic = publish.topic,
+                                    "control command dropped: the daemon is not reading them"
+                                );
+                            }
+                        }
+                        Err(reason) => tracing::warn!(topic = publish.topic, reason, "control command ignored"),
+                    }
+                }
                 MqttEvent::Outgoing(Outgoing::Disconnect) if self.stop.load(Ordering::Relaxed) => {
                     break;
                 }
@@ -472,6 +544,8 @@ struct Worker {
     queued: HashSet<u64>,
     outbox: VecDeque<OutMessage>,
     statuses: BTreeMap<String, SourceStatus>,
+    /// Retained label and control states by topic, republished on every connect.
+    retained: BTreeMap<String, Vec<u8>>,
     runtime_stats: Map<String, Value>,
     shutdown: Option<Instant>,
 }
@@ -522,6 +596,10 @@ impl Worker {
             Message::Status(source, status) => {
                 self.statuses.insert(source.clone(), status);
                 self.outbox.push_back(status_message(&self.topics, &source, status));
+            }
+            Message::Retained(topic, payload) => {
+                self.retained.insert(topic.clone(), payload.clone());
+                self.outbox.push_back(OutMessage { topic, qos: QoS::AtLeastOnce, retain: true, payload });
             }
             Message::Outgoing(out) => {
                 if self.connected {
@@ -585,6 +663,17 @@ impl Worker {
         });
         for (source, status) in &self.statuses {
             self.outbox.push_back(status_message(&self.topics, source, *status));
+        }
+        for (topic, payload) in &self.retained {
+            self.outbox.push_back(OutMessage {
+                topic: topic.clone(),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                payload: payload.clone(),
+            });
+        }
+        if let Err(e) = self.client.try_subscribe(self.topics.control_filter(), QoS::AtLeastOnce) {
+            tracing::warn!(error = %e, "subscribing to control commands failed");
         }
         if self.settings.home_assistant {
             if let Err(e) = self.client.try_subscribe(self.topics.home_assistant_status(), QoS::AtLeastOnce) {

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-use crate::events::{Degraded, Event, WindowScores};
+use crate::events::{Degraded, Event, EventKind, WindowScores};
 
 /// The model the events come from, as the `model` field reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -50,6 +50,39 @@ impl Topics {
     /// Where Home Assistant announces `online` after it starts.
     pub fn home_assistant_status(&self) -> String {
         format!("{}/status", self.discovery_prefix)
+    }
+    /// Retained `ON`/`OFF` state of `label` on `source` (JSON, [`label_state_message`]).
+    pub fn label_state(&self, source: &str, label: &str) -> String {
+        format!("{}/labels/{}/state", self.source_base(source), label_id(label))
+    }
+    /// Retained `ON`/`OFF`: whether events of `label` on `source` are on (a control's state).
+    pub fn label_enabled(&self, source: &str, label: &str) -> String {
+        format!("{}/labels/{}/enabled", self.source_base(source), label_id(label))
+    }
+    /// Retained threshold of `label` on `source` (a control's state).
+    pub fn label_threshold(&self, source: &str, label: &str) -> String {
+        format!("{}/labels/{}/threshold", self.source_base(source), label_id(label))
+    }
+    /// What the publisher subscribes to for control commands: `<state topic>/set`.
+    pub fn control_filter(&self) -> String {
+        format!("{}/{}/+/labels/+/+/set", self.prefix, self.device)
+    }
+    /// The source's sound level in dBFS, per window.
+    pub fn sound_level(&self, source: &str) -> String {
+        format!("{}/sound_level", self.source_base(source))
+    }
+    /// `(source, label id, control)` of a control command topic.
+    pub fn parse_control<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
+        let rest =
+            topic.strip_prefix(&self.prefix)?.strip_prefix('/')?.strip_prefix(&self.device)?.strip_prefix('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [source, "labels", label_id, control, "set"] => Some((source, label_id, control)),
+            _ => None,
+        }
+    }
+    fn source_base(&self, source: &str) -> String {
+        format!("{}/{}/{source}", self.prefix, self.device)
     }
     /// Never subscribed: unsubscribing from it marks a point in the client's request queue.
     pub fn barrier(&self) -> String {
@@ -145,8 +178,71 @@ impl EventPayload {
     }
 }
 
-/// Top-k labels of one window, for `{prefix}/{device}/{source}/scores`.
-pub fn scores_message(scores: &WindowScores, labels: &[String]) -> Vec<u8> {
+/// The retained state of one label on one source: `ON` from an event's `start` (and its
+/// updates) to its `end`, with that event's id and score; `OFF` before any event.
+pub fn label_state_message(event: Option<&Event>) -> Vec<u8> {
+    let message = match event {
+        Some(event) => json!({
+            "state": if event.kind == EventKind::End { "OFF" } else { "ON" },
+            "event_id": event.id,
+            "score": finite_or_zero(event.score),
+            "peak_score": finite_or_zero(event.peak_score),
+            "since": rfc3339(event.end_time.unwrap_or(event.start_time)),
+        }),
+        None => json!({ "state": "OFF", "event_id": null, "score": null, "peak_score": null, "since": null }),
+    };
+    serde_json::to_vec(&message).expect("json values serialize")
+}
+
+/// A control command from Home Assistant or any MQTT client: `<label state topic>/set`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Control {
+    pub source: String,
+    pub label: String,
+    pub change: ControlChange,
+}
+
+/// `None`: back to what config.toml says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ControlChange {
+    Enabled(Option<bool>),
+    Threshold(Option<f32>),
+}
+
+/// Reads a control command; `Err` says why it is ignored. `enabled/set` takes `ON`/`OFF`
+/// (or `true`/`false`, `1`/`0`), `threshold/set` a number in 0..=1; an empty payload goes
+/// back to the config's value.
+pub fn parse_control(topics: &Topics, info: &PublisherInfo, topic: &str, payload: &[u8]) -> Result<Control, String> {
+    let (source, wanted_label_id, control) = topics.parse_control(topic).ok_or("not a control topic")?;
+    if !info.sources.iter().any(|known| known == source) {
+        return Err(format!("no source {source:?}"));
+    }
+    let label = info
+        .enabled_labels
+        .iter()
+        .find(|label| label_id(label) == wanted_label_id)
+        .ok_or_else(|| format!("no enabled label with id {wanted_label_id:?}"))?;
+    let text = std::str::from_utf8(payload).map_err(|_| "payload is not UTF-8".to_string())?.trim();
+    let change = match control {
+        "enabled" => ControlChange::Enabled(match text.to_ascii_lowercase().as_str() {
+            "" => None,
+            "on" | "true" | "1" => Some(true),
+            "off" | "false" | "0" => Some(false),
+            other => return Err(format!("enabled takes ON or OFF, got {other:?}")),
+        }),
+        "threshold" if text.is_empty() => ControlChange::Threshold(None),
+        "threshold" => match text.parse::<f32>() {
+            Ok(threshold) if (0.0..=1.0).contains(&threshold) => ControlChange::Threshold(Some(threshold)),
+            _ => return Err(format!("threshold takes a number in 0..=1, got {text:?}")),
+        },
+        other => return Err(format!("no control {other:?}; there are enabled and threshold")),
+    };
+    Ok(Control { source: source.to_owned(), label: label.clone(), change })
+}
+
+/// Top-k labels of one window, and the window's sound level, for
+/// `{prefix}/{device}/{source}/scores`.
+pub fn scores_message(scores: &WindowScores, labels: &[String], sound_dbfs: Option<f32>) -> Vec<u8> {
     let mut order: Vec<usize> = (0..scores.fused.len().min(labels.len())).collect();
     order.sort_by(|&a, &b| scores.fused[b].total_cmp(&scores.fused[a]));
     let head =
@@ -168,6 +264,7 @@ pub fn scores_message(scores: &WindowScores, labels: &[String]) -> Vec<u8> {
         "source": scores.source,
         "window": { "start": rfc3339(scores.window_start), "end": rfc3339(scores.window_end) },
         "top": top,
+        "sound_dbfs": sound_dbfs.filter(|level| level.is_finite()),
         "degraded": scores.degraded.map(degraded_str),
     });
     serde_json::to_vec(&message).expect("json values serialize")
@@ -199,13 +296,21 @@ pub struct PublisherInfo {
     pub sources: Vec<String>,
     /// Every label of the model: the `event_types` of each source's event entity.
     pub labels: Vec<String>,
-    /// Labels with events enabled: one binary_sensor per source and label.
+    /// Labels with events enabled in config.toml: per source and label a binary_sensor, a
+    /// switch and a threshold number.
     pub enabled_labels: Vec<String>,
+    /// Sources with audio: a sound-level sensor each.
+    pub audio_sources: Vec<String>,
     pub model: ModelInfo,
 }
 
-/// Retained discovery configs: one device per daemon; per source an `event` entity and a
-/// `binary_sensor` per enabled label, all reading the source's events topic.
+/// Retained discovery configs: one device per daemon; per source an `event` entity (fired on
+/// `start`) and a sound-level `sensor` (sources with audio); per source and enabled label a
+/// `binary_sensor` reading the label's retained state, a `switch` that turns its events on
+/// and off and a `number` for its threshold. Entity ids stay what they were when the configs
+/// carried `object_id` (`<platform>.mbt_edge_<device>_<source>_...`): `default_entity_id`
+/// names the same id, and Home Assistant keeps the id it registered under the unchanged
+/// `unique_id` anyway.
 pub fn discovery_messages(topics: &Topics, device: &str, info: &PublisherInfo) -> Vec<(String, Vec<u8>)> {
     let device_block = json!({
         "identifiers": [format!("mbt-edge_{}", object_id(device))],
@@ -214,49 +319,106 @@ pub fn discovery_messages(topics: &Topics, device: &str, info: &PublisherInfo) -
         "model": info.model.name,
         "sw_version": env!("CARGO_PKG_VERSION"),
     });
+    let origin = json!({ "name": "mbt-edge", "sw_version": env!("CARGO_PKG_VERSION") });
     let node = object_id(device);
     let mut messages = Vec::new();
-    for source in &info.sources {
-        let source_id = object_id(source);
-        let unique_id = format!("mbt-edge_{node}_{source_id}_events");
-        let config = json!({
-            "name": format!("{source} events"),
-            "unique_id": unique_id,
-            "object_id": unique_id,
-            "state_topic": topics.events(source),
-            "availability_topic": topics.availability(),
-            "event_types": info.labels,
-            // Only `start` fires an event; update/end render empty and are ignored.
-            "value_template": "{% if value_json.type == 'start' %}{{ {'event_type': value_json.label, 'score': value_json.score, 'id': value_json.id} | tojson }}{% endif %}",
-            "device": device_block,
-        });
+    let mut entity = |platform: &str, node_path: String, unique_id: String, name: String, mut config: Value| {
+        let fields = config.as_object_mut().expect("discovery configs are objects");
+        fields.insert("name".into(), name.into());
+        fields.insert("default_entity_id".into(), format!("{platform}.{}", object_id(&unique_id)).into());
+        fields.insert("unique_id".into(), unique_id.into());
+        fields.insert("availability_topic".into(), topics.availability().into());
+        fields.insert("device".into(), device_block.clone());
+        fields.insert("origin".into(), origin.clone());
         messages.push((
-            format!("{}/event/{node}/{source_id}_events/config", topics.discovery_prefix),
+            format!("{}/{platform}/{node}/{node_path}/config", topics.discovery_prefix),
             serde_json::to_vec(&config).expect("json values serialize"),
         ));
-        for label in &info.enabled_labels {
-            let label_id = object_id(label);
-            let unique_id = format!("mbt-edge_{node}_{source_id}_{label_id}");
-            let label_literal = serde_json::to_string(label).expect("strings serialize");
-            let config = json!({
-                "name": format!("{source} {label}"),
-                "unique_id": unique_id,
-                "object_id": unique_id,
+    };
+    for source in &info.sources {
+        let source_id = object_id(source);
+        entity(
+            "event",
+            format!("{source_id}_events"),
+            format!("mbt-edge_{node}_{source_id}_events"),
+            format!("{source} events"),
+            json!({
                 "state_topic": topics.events(source),
-                "availability_topic": topics.availability(),
-                "device_class": "sound",
-                "value_template": format!(
-                    "{{% if value_json.label == {label_literal} %}}{{{{ 'OFF' if value_json.type == 'end' else 'ON' }}}}{{% else %}}{{{{ 'ON' if this.state == 'on' else 'OFF' }}}}{{% endif %}}"
-                ),
-                "device": device_block,
-            });
-            messages.push((
-                format!("{}/binary_sensor/{node}/{source_id}_{label_id}/config", topics.discovery_prefix),
-                serde_json::to_vec(&config).expect("json values serialize"),
-            ));
+                "event_types": info.labels,
+                // Only `start` fires an event; update/end render empty and are ignored.
+                "value_template": "{% if value_json.type == 'start' %}{{ {'event_type': value_json.label, 'score': value_json.score, 'id': value_json.id} | tojson }}{% endif %}",
+            }),
+        );
+        if info.audio_sources.contains(source) {
+            entity(
+                "sensor",
+                format!("{source_id}_sound_level"),
+                format!("mbt-edge_{node}_{source_id}_sound_level"),
+                format!("{source} sound level"),
+                json!({
+                    "state_topic": topics.sound_level(source),
+                    "unit_of_measurement": "dBFS",
+                    "state_class": "measurement",
+                    "suggested_display_precision": 1,
+                    "icon": "mdi:volume-high",
+                }),
+            );
+        }
+        for label in &info.enabled_labels {
+            let label_id = label_id(label);
+            let unique_id = format!("mbt-edge_{node}_{source_id}_{label_id}");
+            entity(
+                "binary_sensor",
+                format!("{source_id}_{label_id}"),
+                unique_id.clone(),
+                format!("{source} {label}"),
+                json!({
+                    "state_topic": topics.label_state(source, label),
+                    "value_template": "{{ value_json.state }}",
+                    "json_attributes_topic": topics.label_state(source, label),
+                    "payload_on": "ON",
+                    "payload_off": "OFF",
+                    "device_class": "sound",
+                }),
+            );
+            entity(
+                "switch",
+                format!("{source_id}_{label_id}_enabled"),
+                format!("{unique_id}_enabled"),
+                format!("{source} {label} detection"),
+                json!({
+                    "command_topic": format!("{}/set", topics.label_enabled(source, label)),
+                    "state_topic": topics.label_enabled(source, label),
+                    "payload_on": "ON",
+                    "payload_off": "OFF",
+                    "entity_category": "config",
+                    "icon": "mdi:ear-hearing",
+                }),
+            );
+            entity(
+                "number",
+                format!("{source_id}_{label_id}_threshold"),
+                format!("{unique_id}_threshold"),
+                format!("{source} {label} threshold"),
+                json!({
+                    "command_topic": format!("{}/set", topics.label_threshold(source, label)),
+                    "state_topic": topics.label_threshold(source, label),
+                    "min": 0.0,
+                    "max": 1.0,
+                    "step": 0.01,
+                    "mode": "box",
+                    "entity_category": "config",
+                }),
+            );
         }
     }
     messages
+}
+
+/// A label as one topic level and Home Assistant object id: lowercase ASCII letters, digits
+/// and `_` (`"dog bark"` -> `dog_bark`).
+pub fn label_id(label: &str) -> String {
+    object_id(label)
 }
 
 /// The contract's spelling of a lost modality.
@@ -345,7 +507,7 @@ mod tests {
             degraded: None,
         };
         check(
-            &scores_message(&scores, &["a".to_owned(), "b".to_owned()]),
+            &scores_message(&scores, &["a".to_owned(), "b".to_owned()], Some(-13.5)),
             json!({
                 "source": "porch",
                 "window": {"start": "2026-11-28T12:00:00Z", "end": "2026-11-28T12:00:08Z"},
@@ -353,30 +515,122 @@ mod tests {
                     {"label": "b", "fused": 0.5, "audio": null, "video": null},
                     {"label": "a", "fused": 0.25, "audio": null, "video": null}
                 ],
+                "sound_dbfs": -13.5,
                 "degraded": null
             }),
         );
     }
 
-    #[test]
-    fn discovery_has_an_event_entity_and_a_binary_sensor_per_enabled_label() {
+    fn discovery() -> Vec<(String, Value)> {
         let topics = Topics::new("mbt-edge", "gate", "homeassistant");
         let info = PublisherInfo {
             sources: vec!["porch".to_owned()],
             labels: vec!["dog bark".to_owned(), "car".to_owned()],
             enabled_labels: vec!["dog bark".to_owned()],
+            audio_sources: vec!["porch".to_owned()],
             model: ModelInfo::default(),
         };
-        let messages = discovery_messages(&topics, "gate", &info);
+        discovery_messages(&topics, "gate", &info)
+            .into_iter()
+            .map(|(topic, payload)| (topic, serde_json::from_slice(&payload).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn discovery_announces_event_sound_level_and_per_label_state_switch_and_threshold() {
+        let messages = discovery();
         let topics: Vec<&str> = messages.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(
             topics,
-            ["homeassistant/event/gate/porch_events/config", "homeassistant/binary_sensor/gate/porch_dog_bark/config"]
+            [
+                "homeassistant/event/gate/porch_events/config",
+                "homeassistant/sensor/gate/porch_sound_level/config",
+                "homeassistant/binary_sensor/gate/porch_dog_bark/config",
+                "homeassistant/switch/gate/porch_dog_bark_enabled/config",
+                "homeassistant/number/gate/porch_dog_bark_threshold/config",
+            ]
         );
-        let event: Value = serde_json::from_slice(&messages[0].1).unwrap();
+        let by_platform =
+            |platform: &str| &messages.iter().find(|(t, _)| t.contains(&format!("/{platform}/"))).unwrap().1;
+        let event = by_platform("event");
         assert_eq!(event["event_types"], json!(["dog bark", "car"]));
         assert_eq!(event["state_topic"], "mbt-edge/gate/porch/events");
-        let sensor: Value = serde_json::from_slice(&messages[1].1).unwrap();
-        assert!(sensor["value_template"].as_str().unwrap().contains("== \"dog bark\""));
+        // The entity ids Home Assistant made from the former object_id, kept.
+        assert_eq!(event["default_entity_id"], "event.mbt_edge_gate_porch_events");
+        let sensor = by_platform("binary_sensor");
+        assert_eq!(sensor["state_topic"], "mbt-edge/gate/porch/labels/dog_bark/state");
+        assert_eq!(sensor["default_entity_id"], "binary_sensor.mbt_edge_gate_porch_dog_bark");
+        let switch = by_platform("switch");
+        assert_eq!(switch["command_topic"], "mbt-edge/gate/porch/labels/dog_bark/enabled/set");
+        assert_eq!(by_platform("number")["state_topic"], "mbt-edge/gate/porch/labels/dog_bark/threshold");
+        assert_eq!(by_platform("sensor")["state_topic"], "mbt-edge/gate/porch/sound_level");
+    }
+
+    /// Every key of every payload is one Home Assistant documents for its platform (it drops
+    /// unknown keys silently), the required ones are there, and `object_id` is gone.
+    #[test]
+    fn discovery_payloads_use_only_the_keys_home_assistant_documents() {
+        use super::super::ha_keys;
+        for (topic, config) in discovery() {
+            let platform = topic.split('/').nth(1).unwrap();
+            let (own, required) = ha_keys::platform(platform).unwrap_or_else(|| panic!("{topic}: unknown platform"));
+            let fields = config.as_object().unwrap();
+            for key in fields.keys() {
+                assert!(
+                    ha_keys::COMMON.contains(&key.as_str()) || own.contains(&key.as_str()),
+                    "{topic}: {key} is not a {platform} key"
+                );
+            }
+            for key in required.iter().chain(&["name", "unique_id", "default_entity_id", "device", "origin"]) {
+                assert!(fields.contains_key(*key), "{topic}: {key} missing");
+            }
+            for key in config["device"].as_object().unwrap().keys() {
+                assert!(ha_keys::DEVICE.contains(&key.as_str()), "{topic}: device.{key}");
+            }
+            for key in config["origin"].as_object().unwrap().keys() {
+                assert!(ha_keys::ORIGIN.contains(&key.as_str()), "{topic}: origin.{key}");
+            }
+            let entity_id = config["default_entity_id"].as_str().unwrap();
+            assert!(entity_id.starts_with(&format!("{platform}.")), "{topic}: {entity_id}");
+        }
+    }
+
+    #[test]
+    fn label_state_is_on_from_start_to_end() {
+        let start = event();
+        let on: Value = serde_json::from_slice(&label_state_message(Some(&start))).unwrap();
+        assert_eq!(on["state"], "ON");
+        assert_eq!(on["event_id"], start.id.as_str());
+        let end = Event { kind: EventKind::End, end_time: Some(start.start_time), ..start.clone() };
+        let off: Value = serde_json::from_slice(&label_state_message(Some(&end))).unwrap();
+        assert_eq!((off["state"].as_str(), off["event_id"].as_str()), (Some("OFF"), Some(start.id.as_str())));
+        let never: Value = serde_json::from_slice(&label_state_message(None)).unwrap();
+        assert_eq!((never["state"].as_str(), never["event_id"].as_str()), (Some("OFF"), None));
+    }
+
+    #[test]
+    fn control_commands_parse_or_say_why_not() {
+        let topics = Topics::new("site/a", "gate", "homeassistant");
+        let info = PublisherInfo {
+            sources: vec!["porch".to_owned()],
+            labels: vec!["dog bark".to_owned(), "car".to_owned()],
+            enabled_labels: vec!["dog bark".to_owned()],
+            audio_sources: Vec::new(),
+            model: ModelInfo::default(),
+        };
+        let check = |topic: &str, payload: &str| match parse_control(&topics, &info, topic, payload.as_bytes()) {
+            Ok(control) => format!("{} {} {:?}", control.source, control.label, control.change),
+            Err(why) => format!("error: {why}"),
+        };
+        let base = "site/a/gate/porch/labels/dog_bark";
+        assert_eq!(check(&format!("{base}/enabled/set"), "OFF"), "porch dog bark Enabled(Some(false))");
+        assert_eq!(check(&format!("{base}/enabled/set"), "on"), "porch dog bark Enabled(Some(true))");
+        assert_eq!(check(&format!("{base}/threshold/set"), "0.85"), "porch dog bark Threshold(Some(0.85))");
+        assert_eq!(check(&format!("{base}/threshold/set"), ""), "porch dog bark Threshold(None)");
+        assert!(check(&format!("{base}/threshold/set"), "2").starts_with("error: threshold takes a number"));
+        assert!(check(&format!("{base}/enabled/set"), "maybe").starts_with("error: enabled takes ON or OFF"));
+        assert!(check("site/a/gate/porch/labels/car/enabled/set", "OFF").starts_with("error: no enabled label"));
+        assert!(check("site/a/gate/yard/labels/dog_bark/enabled/set", "OFF").starts_with("error: no source"));
+        assert!(check("site/a/gate/porch/events", "").starts_with("error: not a control topic"));
     }
 }

@@ -101,6 +101,23 @@ pub struct WindowStats {
     /// Arrival delay of audio minus that of video at the time the window went out
     /// (positive: audio arrives later than video relative to its timestamps).
     pub av_skew: Option<time::Duration>,
+    /// Sound level of the window's newest hop of audio (its last `hop` seconds, all of it
+    /// when the hop is longer than the window): 20 log10 of the RMS, in dBFS (a full-scale
+    /// sine reads -3.01). `None` without audio; silence reads [`SILENCE_DBFS`].
+    pub audio_dbfs: Option<f32>,
+}
+
+/// The level digital silence reads: the floor of [`rms_dbfs`].
+pub const SILENCE_DBFS: f32 = -120.0;
+
+/// 20 log10 of the RMS of `samples` (full scale = 1.0), floored at [`SILENCE_DBFS`].
+pub fn rms_dbfs(samples: &[f32]) -> f32 {
+    if samples.is_empty() {
+        return SILENCE_DBFS;
+    }
+    let mean_square = samples.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / samples.len() as f64;
+    let dbfs = 10.0 * mean_square.log10();
+    if dbfs.is_finite() { (dbfs as f32).max(SILENCE_DBFS) } else { SILENCE_DBFS }
 }
 
 /// Builds the windows of one source incarnation.
@@ -426,6 +443,10 @@ impl WindowBuilder {
         }
         if let (Some(audio_delay), Some(video_delay)) = (self.audio_delay, self.video_delay) {
             stats.av_skew = Some(audio_delay - video_delay);
+        }
+        if settings.audio {
+            let hop_samples = (settings.hop.as_nanos() * settings.sample_rate as u128 / 1_000_000_000) as usize;
+            stats.audio_dbfs = Some(rms_dbfs(&audio[audio.len().saturating_sub(hop_samples.max(1))..]));
         }
 
         self.counters.windows += 1;

@@ -319,3 +319,28 @@ proptest! {
         prop_assert_eq!(got, expected);
     }
 }
+
+#[test]
+fn sound_level_is_the_rms_of_the_newest_hop_in_dbfs() {
+    // A sine at amplitude 0.3 reads 20 log10(0.3 / sqrt 2) = -13.47 dBFS; silence the floor.
+    let sine: Vec<f32> =
+        (0..16_000).map(|idx| 0.3 * (idx as f32 * 440.0 * std::f32::consts::TAU / 16_000.0).sin()).collect();
+    assert!((rms_dbfs(&sine) - -13.47).abs() < 0.01, "{}", rms_dbfs(&sine));
+    assert_eq!(rms_dbfs(&[0.0; 100]), SILENCE_DBFS);
+    assert_eq!(rms_dbfs(&[]), SILENCE_DBFS);
+    // Windows of 2 s every 0.5 s over a signal that is 1.0 in its first second and 0.1 after:
+    // the level follows the newest 0.5 s only.
+    // (The whole first window would read -3 dBFS.)
+    let mut audio_only = builder(WindowSettings { video: false, ..settings(2000, 500, 0) });
+    let loud = AudioChunk { pts: RunningTime::ZERO, samples: vec![1.0; 1000] };
+    let quiet = AudioChunk { pts: RunningTime(Duration::from_secs(1)), samples: vec![0.1; 3000] };
+    let mut windows = audio_only.push_audio(&loud, loud.pts);
+    windows.extend(audio_only.push_audio(&quiet, quiet.pts));
+    let levels: Vec<(u64, f32)> =
+        windows.iter().map(|window| (window.index, window.stats.audio_dbfs.unwrap().round())).collect();
+    assert_eq!(levels, [(0, -20.0), (1, -20.0), (2, -20.0), (3, -20.0), (4, -20.0)]);
+    let mut video_only = builder(WindowSettings { audio: false, ..settings(1000, 500, 2) });
+    let frames: Vec<Window> =
+        (0..50).flat_map(|idx| video_only.push_frame(frame(idx, 40), frame(idx, 40).pts)).collect();
+    assert!(frames.iter().all(|window| window.stats.audio_dbfs.is_none()));
+}

@@ -233,6 +233,15 @@ impl Drop for Subscriber {
     }
 }
 
+/// Publishes one message with `mosquitto_pub` (QoS 1, not retained), as Home Assistant does.
+pub fn mqtt_publish(port: u16, topic: &str, payload: &str) {
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload])
+        .status()
+        .expect("mosquitto_pub is installed (apt-get install mosquitto-clients)");
+    assert!(status.success(), "mosquitto_pub {topic} {payload}");
+}
+
 /// `GET path` on `127.0.0.1:port` with a plain HTTP/1.1 request: (status code, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
