@@ -20,7 +20,10 @@ fn demo_model() -> PathBuf {
 /// A config for the demo model: `sources` are `[[source]]` tables, `extra` goes at the end.
 fn write_config(dir: &Path, broker: u16, sources: &str, extra: &str) -> PathBuf {
     let body = format!("{sources}\n{extra}");
-    common::write_config(dir, ConfigParts { device: "box", model: demo_model(), hop: 1.0, broker, body: &body })
+    common::write_config(
+        dir,
+        ConfigParts { device: "box", model: demo_model(), hop: 1.0, broker, body: &body, spool: None },
+    )
 }
 
 /// `[events]` as the bundled demo config has it.
@@ -395,4 +398,86 @@ fn malformed_configs_and_models_exit_78_with_a_clear_message() {
         assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{case}");
         assert!(stderr.lines().count() <= 3, "one clear message, not a dump: {case}");
     }
+}
+
+/// The spool's disk fills while the broker is down (a 256 KiB tmpfs the test mounts; CI runs
+/// as root): events keep their seq, held in memory, `/health` says `spool_unwritable`; once
+/// the disk has room again and the broker is back, every event arrives, seq without a gap,
+/// and every `end` after its `start`.
+#[test]
+fn a_full_spool_disk_while_the_broker_is_down_loses_no_event_and_health_says_so() {
+    let mut broker = Broker::start("");
+    let subscriber = Subscriber::start(broker.port, "mbt-edge/+/+/events");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = common::TinyDisk::mount("256k");
+    let spool = disk.path().join("spool");
+    let port = free_port();
+    let body = format!("{}\n{DEMO_EVENTS}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n", tour_source());
+    let parts = ConfigParts {
+        device: "box",
+        model: demo_model(),
+        hop: 1.0,
+        broker: broker.port,
+        body: &body,
+        spool: Some(&spool),
+    };
+    let config = common::write_config(dir.path(), parts);
+    let daemon = Daemon::start(&config, "run");
+    subscriber.wait_for("a first event", Duration::from_secs(40), |messages| !messages.is_empty());
+
+    broker.stop();
+    let filler = disk.fill();
+    let health = || http_get(port, "/health").unwrap_or((0, String::new()));
+    let held = || {
+        http_get(port, "/metrics")
+            .ok()
+            .and_then(|(_, body)| metric(&body, "mbt_edge_spool_unwritten_events", ""))
+            .unwrap_or(0.0)
+    };
+    // The tour changes class every 10 s: events come while the disk is full.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while held() < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no events held in memory; {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The health thread judges once a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while health().0 == 200 {
+        assert!(std::time::Instant::now() < deadline, "/health stays ok while the spool cannot write");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = health();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("spool_unwritable"), "{body}");
+
+    std::fs::remove_file(filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while held() > 0.0 || health().0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "held events not written back: {:?}; {}", health(), daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    broker.resume();
+    let spooled = || {
+        http_get(port, "/metrics").ok().and_then(|(_, body)| metric(&body, "mbt_edge_spool_events", "")).unwrap_or(1.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while spooled() > 0.0 {
+        assert!(std::time::Instant::now() < deadline, "spool not drained; {}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("spool cannot write") && log.contains("spool writable again"), "{log}");
+
+    let all = events(&subscriber.messages());
+    let seqs: BTreeSet<u64> = all.iter().map(|event| event["seq"].as_u64().unwrap()).collect();
+    let max = *seqs.iter().max().unwrap();
+    let missing: Vec<u64> = (1..=max).filter(|seq| !seqs.contains(seq)).collect();
+    assert!(missing.is_empty(), "lost seqs {missing:?}\n{log}");
+    let started: BTreeSet<&str> =
+        all.iter().filter(|event| event["type"] == "start").map(|event| event["id"].as_str().unwrap()).collect();
+    for end in all.iter().filter(|event| event["type"] == "end") {
+        assert!(started.contains(end["id"].as_str().unwrap()), "an end without its start: {end}");
+    }
+    assert!(all.iter().any(|event| event["replayed"] == true), "events waited out the outage");
 }

@@ -33,7 +33,10 @@ min_windows = 1
 {extra}"#
     );
     let model = repo().join("models/testdata/mbt-tiny.onnx");
-    common::write_config(dir, ConfigParts { device: "testbox", model, hop: 0.5, broker: port, body: &body })
+    common::write_config(
+        dir,
+        ConfigParts { device: "testbox", model, hop: 0.5, broker: port, body: &body, spool: None },
+    )
 }
 
 /// The daemon with its log in `config.log` beside the config.
@@ -620,7 +623,7 @@ fn sound_level_reads_a_sine_at_volume_0_3_as_minus_13_5_dbfs_and_silence_below_m
     let model = repo().join("models/testdata/mbt-tiny.onnx");
     let config = common::write_config(
         dir.path(),
-        ConfigParts { device: "testbox", model, hop: 0.5, broker: broker.port, body: &body },
+        ConfigParts { device: "testbox", model, hop: 0.5, broker: broker.port, body: &body, spool: None },
     );
     let levels = Subscriber::start(broker.port, "mbt-edge/testbox/+/sound_level");
     let mut daemon = start_daemon(&config);

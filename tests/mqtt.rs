@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Broker, free_port, schema_path, validate};
+use common::{Broker, TinyDisk, free_port, schema_path, validate};
 use mbt_edge::events::{Event, EventEngine, EventIdGenerator, EventSettings, LabelSettings, WindowScores};
 use mbt_edge::publish::BrokerUrl;
 use mbt_edge::publish::spool::Spool;
@@ -801,4 +801,41 @@ fn init_logs() {
 
 fn logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+}
+
+/// The spool on a full disk (a tmpfs the test mounts; CI runs as root).
+#[test]
+fn a_full_disk_keeps_spool_records_in_memory_and_writes_them_back_when_it_has_room() {
+    let disk = TinyDisk::mount("256k");
+    let dir = disk.path().join("spool");
+    let mut spool =
+        Spool::open(SpoolSettings { dir: dir.clone(), max_bytes: 1 << 20, ..SpoolSettings::default() }).unwrap();
+    spool.append(|_| b"before".to_vec()).unwrap();
+    let filler = disk.fill();
+    // Bigger than a page, so no record fits in the slack of the segment's last page.
+    let held = |idx: usize| format!("held{idx}:{}", ".".repeat(8192)).into_bytes();
+    let seqs: Vec<u64> = (0..5).map(|idx| spool.append(|_| held(idx)).unwrap()).collect();
+    assert_eq!(seqs, [2, 3, 4, 5, 6], "seqs go on while the disk is full");
+    assert!(spool.unwritable().is_some());
+    assert_eq!(spool.stats().unwritten, 5);
+    assert_eq!(spool.get(4), Some(&held(2)[..]));
+    spool.ack(3).unwrap();
+    assert!(!spool.retry_writes(), "still full");
+    assert_eq!(spool.stats().unwritten, 4);
+
+    std::fs::remove_file(filler).unwrap();
+    assert!(spool.retry_writes());
+    assert_eq!((spool.unwritable(), spool.stats().unwritten), (None, 0));
+    spool.append(|_| b"after".to_vec()).unwrap();
+    drop(spool);
+    let mut reopened =
+        Spool::open(SpoolSettings { dir: dir.clone(), max_bytes: 1 << 20, ..SpoolSettings::default() }).unwrap();
+    let pending: Vec<(u64, String)> = reopened
+        .pending()
+        .unwrap()
+        .into_iter()
+        .map(|record| (record.seq, String::from_utf8(record.payload).unwrap().split(':').next().unwrap().to_owned()))
+        .collect();
+    let expected = [(1, "before"), (2, "held0"), (4, "held2"), (5, "held3"), (6, "held4"), (7, "after")];
+    assert_eq!(pending, expected.map(|(seq, text)| (seq, text.to_owned())));
 }

@@ -144,6 +144,8 @@ impl PublisherSlot {
                     connected: publisher.stats().connected,
                     spool_events: spool.records,
                     spool_bytes: spool.bytes,
+                    spool_unwritten: spool.unwritten,
+                    spool_unwritable: publisher.spool_unwritable(),
                 }
             }
             None => PublisherGauges::default(),

@@ -1,4 +1,5 @@
-//! The health thread (systemd's watchdog and `STATUS=`, the verdict `/health` answers) and the
+//! The health thread (systemd's watchdog and `STATUS=`, the verdict `/health` answers: not ok
+//! while the spool cannot write either, though the watchdog goes on) and the
 //! metrics endpoint's wiring: both read [`DaemonState`] and the telemetry counters; the
 //! verdict itself is `service::Health`'s, the HTTP side `service::MetricsServer`.
 
@@ -64,7 +65,7 @@ fn metrics_snapshot(state: &DaemonState, queue_depth: usize) -> MetricsSnapshot 
         })
         .collect();
     let inference = telemetry::inference();
-    let publisher = *lock(&state.publisher);
+    let publisher = lock(&state.publisher).clone();
     MetricsSnapshot {
         sources,
         inference_latency: LatencyHistogram {
@@ -82,6 +83,8 @@ fn metrics_snapshot(state: &DaemonState, queue_depth: usize) -> MetricsSnapshot 
         mqtt_connected: publisher.connected,
         spool_events: publisher.spool_events,
         spool_bytes: publisher.spool_bytes,
+        spool_unwritten: publisher.spool_unwritten,
+        spool_unwritable: publisher.spool_unwritable.is_some(),
     }
 }
 
@@ -116,13 +119,23 @@ pub(super) fn spawn_health(
             };
             let verdict = health.check(&input);
             let states = describe_sources(&snapshot);
+            // A spool whose disk refuses writes is not healthy to look at, but a restart would
+            // not help it and would lose the events held in memory: the watchdog goes on.
+            let publisher = lock(&state.publisher).clone();
+            let spool_problem = publisher.spool_unwritable.map(|reason| {
+                format!("spool_unwritable: {} events held in memory ({reason})", publisher.spool_unwritten)
+            });
             match &verdict {
                 Verdict::Healthy => {
-                    *lock(&state.health) = Ok(());
+                    *lock(&state.health) = spool_problem.clone().map_or(Ok(()), Err);
                     if pings {
                         let _ = notifier.watchdog();
                     }
-                    let _ = notifier.status(&format!("healthy; {states}"));
+                    match &spool_problem {
+                        Some(problem) => notifier.status(&format!("degraded: {problem}; {states}")),
+                        None => notifier.status(&format!("healthy; {states}")),
+                    }
+                    .ok();
                     if !last_verdict_healthy {
                         tracing::info!("healthy again; watchdog pings resume");
                     }

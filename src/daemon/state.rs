@@ -31,11 +31,14 @@ pub(super) struct SourceState {
 /// The longest wait for every source's first status before READY=1.
 pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct PublisherGauges {
     pub(super) connected: bool,
     pub(super) spool_events: u64,
     pub(super) spool_bytes: u64,
+    /// Events held in memory because the spool's disk refused them, and why it does.
+    pub(super) spool_unwritten: u64,
+    pub(super) spool_unwritable: Option<String>,
 }
 
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

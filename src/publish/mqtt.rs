@@ -247,6 +247,11 @@ impl Publisher {
         lock(&self.spool).stats()
     }
 
+    /// Why the spool's disk refuses writes, while it does (events are held in memory).
+    pub fn spool_unwritable(&self) -> Option<String> {
+        lock(&self.spool).unwritable().map(str::to_owned)
+    }
+
     /// Waits until every spooled event is acknowledged; false on timeout.
     pub fn wait_until_flushed(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -288,6 +293,9 @@ impl Drop for Publisher {
         self.stop_threads(Duration::ZERO);
     }
 }
+
+/// How often the worker tries to write events the disk refused back to the spool.
+const SPOOL_RETRY: Duration = Duration::from_secs(1);
 
 /// Capacity of rumqttc's request queue; the worker never blocks on it.
 const REQUEST_QUEUE: usize = 512;
@@ -560,6 +568,7 @@ impl Worker {
     fn run(mut self, rx: Receiver<Message>) {
         let stats_interval = self.settings.stats_interval;
         let mut next_stats = Instant::now() + stats_interval;
+        let mut next_spool_retry = Instant::now();
         loop {
             let backlog = self.connected && (!self.to_send.is_empty() || !self.outbox.is_empty());
             let wait = if backlog { Duration::from_millis(5) } else { Duration::from_millis(200) };
@@ -572,6 +581,14 @@ impl Worker {
                 self.handle(message);
             }
             self.pump();
+            if Instant::now() >= next_spool_retry {
+                // Events the disk did not take go to it as soon as it has room again.
+                next_spool_retry = Instant::now() + SPOOL_RETRY;
+                let mut spool = lock(&self.spool);
+                if spool.unwritable().is_some() {
+                    spool.retry_writes();
+                }
+            }
             if !stats_interval.is_zero() && Instant::now() >= next_stats {
                 next_stats = Instant::now() + stats_interval;
                 self.queue_stats();
@@ -701,6 +718,8 @@ impl Worker {
             "dropped_overflow": spool.dropped_overflow,
             "dropped_age": spool.dropped_age,
             "corrupt_records_skipped": spool.corrupt_records_skipped,
+            "unwritten": spool.unwritten,
+            "unwritable": lock(&self.spool).unwritable(),
         });
         self.outbox.push_back(OutMessage {
             topic: self.topics.stats(),

@@ -17,6 +17,15 @@
 //! live records (disk use can exceed that by up to one segment) and by their age; overflow
 //! drops the oldest records with a counter and a log line. Live payloads are also kept in
 //! memory for replay, so `max_bytes` bounds memory too. This module knows nothing of MQTT.
+//!
+//! A disk that stops taking writes (full, read-only, failing, the directory removed) loses
+//! nothing either: a record that cannot be written still gets its seq and stays live in
+//! memory only ([`SpoolStats::unwritten`], [`Spool::unwritable`]), so it is published and
+//! acknowledged as usual; every later append and [`Spool::retry_writes`] first write such
+//! records back, in seq order, once the disk takes them again. The `max_bytes` bound covers
+//! them too, so only its overflow drops (with the seq gap and counter it always leaves). What
+//! sits only in memory does not survive a crash, and its seqs may be handed out again after
+//! one: the best a disk that takes nothing allows.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -53,6 +62,8 @@ pub struct SpoolStats {
     pub dropped_overflow: u64,
     pub dropped_age: u64,
     pub corrupt_records_skipped: u64,
+    /// Live records held in memory only, because the disk did not take them (yet).
+    pub unwritten: u64,
 }
 
 /// The spool of one device; one owner (the publisher's worker thread), no locking.
@@ -70,6 +81,12 @@ pub struct Spool {
     acks: File,
     acks_written: u64,
     stats: SpoolStats,
+    /// Live records not on disk, in seq order: each is written back before any newer one.
+    unwritten: std::collections::VecDeque<u64>,
+    /// Acks of on-disk records that `acks.log` did not take, written back with them.
+    unwritten_acks: Vec<u64>,
+    /// Why the disk refuses writes, while it does.
+    unwritable: Option<String>,
 }
 
 impl Spool {
@@ -130,7 +147,7 @@ impl Spool {
                 live.insert(
                     record.seq,
                     LiveRecord {
-                        segment: first,
+                        segment: Some(first),
                         framed_len: (HEADER_LEN + record.payload.len()) as u64,
                         appended_ms: record.appended_ms,
                         payload: record.payload,
@@ -159,6 +176,9 @@ impl Spool {
             acks,
             acks_written: acked.len() as u64,
             stats,
+            unwritten: Default::default(),
+            unwritten_acks: Vec::new(),
+            unwritable: None,
         };
         spool.drop_expired(now)?;
         spool.delete_dead_segments()?;
@@ -199,16 +219,84 @@ impl Spool {
             self.forget(oldest)?;
         }
 
+        let appended_ms = unix_ms(now);
+        self.live.insert(seq, LiveRecord { segment: None, framed_len, appended_ms, payload });
+        self.live_bytes += framed_len;
+        self.next_seq = seq + 1;
+        self.unwritten.push_back(seq);
+        self.retry_writes();
+        self.refresh_stats();
+        Ok(seq)
+    }
+
+    /// Writes records and acks the disk did not take, oldest first, stopping at the first
+    /// refusal. Returns whether everything is on disk now.
+    pub fn retry_writes(&mut self) -> bool {
+        while let Some(&seq) = self.unwritten.front() {
+            match self.write_record(seq) {
+                Ok(()) => {
+                    self.unwritten.pop_front();
+                }
+                Err(err) => {
+                    self.refused(&err);
+                    self.refresh_stats();
+                    return false;
+                }
+            }
+        }
+        while let Some(&seq) = self.unwritten_acks.last() {
+            if let Err(source) = self.acks.write_all(&seq.to_le_bytes()) {
+                let err = SpoolError::File { path: self.settings.dir.join(ACKS_FILE), source };
+                self.refused(&err);
+                return false;
+            }
+            self.acks_written += 1;
+            self.unwritten_acks.pop();
+        }
+        if let Some(reason) = self.unwritable.take() {
+            tracing::info!(dir = %self.settings.dir.display(), was = reason, "spool writable again; held events are on disk");
+        }
+        let _ = self.delete_dead_segments();
+        self.refresh_stats();
+        true
+    }
+
+    /// Why the disk refuses writes, while it does (records are then held in memory).
+    pub fn unwritable(&self) -> Option<&str> {
+        self.unwritable.as_deref()
+    }
+
+    fn refused(&mut self, err: &SpoolError) {
+        if self.unwritable.is_none() {
+            tracing::error!(
+                dir = %self.settings.dir.display(),
+                error = %err,
+                held = self.unwritten.len(),
+                "spool cannot write: events are held in memory and published from there until the disk takes them"
+            );
+        }
+        self.unwritable = Some(err.to_string());
+    }
+
+    /// Appends and fsyncs live record `seq` (held in memory so far) to the active segment.
+    fn write_record(&mut self, seq: u64) -> Result<(), SpoolError> {
+        let Some(record) = self.live.get(&seq) else { return Ok(()) };
+        let (framed_len, appended_ms) = (record.framed_len, record.appended_ms);
+        if !self.settings.dir.is_dir() {
+            // Removed under us: make it again (and forget the segments that went with it).
+            fs::create_dir_all(&self.settings.dir)
+                .map_err(|source| SpoolError::Dir { path: self.settings.dir.clone(), source })?;
+            self.active = None;
+        }
         let rotate = self.active.as_ref().is_none_or(|a| a.len + framed_len > self.segment_bytes && a.len > 0);
         if rotate {
             self.start_segment(seq)?;
         }
-        let appended_ms = unix_ms(now);
-        let frame = encode_record(seq, appended_ms, &payload);
+        let frame = encode_record(seq, appended_ms, &self.live[&seq].payload);
         let active = self.active.as_mut().expect("an active segment after rotation");
         let write = active.file.write_all(&frame).and_then(|()| active.file.sync_data());
         if let Err(source) = write {
-            // Leave no half record behind for the next append to follow.
+            // Leave no half record behind for the next write to follow.
             let _ = active.file.set_len(active.len);
             return Err(SpoolError::File { path: segment_path(&self.settings.dir, active.first), source });
         }
@@ -217,18 +305,20 @@ impl Spool {
         let segment = self.segments.get_mut(&segment_first).expect("active segment is registered");
         segment.live += 1;
         segment.seqs.push(seq);
-        self.live.insert(seq, LiveRecord { segment: segment_first, framed_len, appended_ms, payload });
-        self.live_bytes += framed_len;
-        self.next_seq = seq + 1;
-        self.refresh_stats();
-        Ok(seq)
+        if let Some(record) = self.live.get_mut(&seq) {
+            record.segment = Some(segment_first);
+        }
+        Ok(())
     }
 
     /// Removes an acknowledged record. Unknown seqs (already acked, dropped) are ignored.
     pub fn ack(&mut self, seq: u64) -> Result<(), SpoolError> {
         if self.live.contains_key(&seq) {
             self.forget(seq)?;
-            self.delete_dead_segments()?;
+            if let Err(err) = self.delete_dead_segments() {
+                // A dead segment left on a full disk is deleted by a later ack or retry.
+                self.refused(&err);
+            }
             self.refresh_stats();
         }
         Ok(())
@@ -270,6 +360,7 @@ impl Spool {
         self.stats.records = self.live.len() as u64;
         self.stats.bytes = self.live_bytes;
         self.stats.next_seq = self.next_seq;
+        self.stats.unwritten = self.unwritten.len() as u64;
     }
 
     fn drop_expired(&mut self, now: SystemTime) -> Result<(), SpoolError> {
@@ -300,12 +391,20 @@ impl Spool {
             return Ok(());
         };
         self.live_bytes -= record.framed_len;
-        if let Some(segment) = self.segments.get_mut(&record.segment) {
+        let Some(segment_first) = record.segment else {
+            // Never written: nothing on disk to mark.
+            self.unwritten.retain(|&unwritten| unwritten != seq);
+            return Ok(());
+        };
+        if let Some(segment) = self.segments.get_mut(&segment_first) {
             segment.live -= 1;
         }
-        self.acks
-            .write_all(&seq.to_le_bytes())
-            .map_err(|source| SpoolError::File { path: self.settings.dir.join(ACKS_FILE), source })?;
+        if let Err(source) = self.acks.write_all(&seq.to_le_bytes()) {
+            // Kept to write later; lost with a crash, the record then goes out twice.
+            self.unwritten_acks.push(seq);
+            self.refused(&SpoolError::File { path: self.settings.dir.join(ACKS_FILE), source });
+            return Ok(());
+        }
         self.acks_written += 1;
         Ok(())
     }
@@ -393,7 +492,8 @@ const MAX_PAYLOAD: usize = 16 * 1024 * 1024;
 
 #[derive(Debug)]
 struct LiveRecord {
-    segment: u64,
+    /// The segment (its first seq) holding it; `None` while it is held in memory only.
+    segment: Option<u64>,
     framed_len: u64,
     appended_ms: u64,
     payload: Vec<u8>,
@@ -587,6 +687,20 @@ mod tests {
         let got: Vec<String> = payloads(&mut spool).into_iter().map(|(seq, text)| format!("{seq}={text}")).collect();
         assert_eq!(got.join(" "), expected);
         spool
+    }
+
+    #[test]
+    fn a_removed_directory_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let mut spool = Spool::open(settings(&spool_dir, 1 << 20)).unwrap();
+        spool.append(|_| b"x".to_vec()).unwrap();
+        fs::remove_dir_all(&spool_dir).unwrap();
+        spool.append(|_| b"y".to_vec()).unwrap();
+        assert_eq!(spool.unwritable(), None);
+        drop(spool);
+        // "x" went with the directory; "y" and the seq counter are on disk again.
+        check(&spool_dir, 1 << 20, &["r"], "2=y");
     }
 
     #[test]

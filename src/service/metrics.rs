@@ -34,6 +34,9 @@ pub struct MetricsSnapshot {
     /// Events in the spool (not yet acknowledged by the broker) and the spool's size on disk.
     pub spool_events: u64,
     pub spool_bytes: u64,
+    /// Events held in memory because the spool's disk refused them.
+    pub spool_unwritten: u64,
+    pub spool_unwritable: bool,
 }
 
 /// One source's rates and counters.
@@ -181,6 +184,20 @@ pub fn render(snapshot: &MetricsSnapshot) -> String {
         &[],
         Value::Int(snapshot.spool_bytes),
     );
+    Family::begin(
+        &mut out,
+        "mbt_edge_spool_unwritable",
+        "gauge",
+        "1 while the spool's disk refuses writes (events are held in memory), else 0.",
+    )
+    .sample("", &[], Value::Int(u64::from(snapshot.spool_unwritable)));
+    Family::begin(
+        &mut out,
+        "mbt_edge_spool_unwritten_events",
+        "gauge",
+        "Events held in memory only because the spool's disk refused them.",
+    )
+    .sample("", &[], Value::Int(snapshot.spool_unwritten));
     out
 }
 
@@ -630,6 +647,8 @@ mod tests {
             mqtt_connected: true,
             spool_events: 5,
             spool_bytes: 2048,
+            spool_unwritten: 0,
+            spool_unwritable: false,
         }
     }
 

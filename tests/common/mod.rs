@@ -99,6 +99,8 @@ pub struct ConfigParts<'a> {
     pub broker: u16,
     /// Sources, events and any other tables, appended as written.
     pub body: &'a str,
+    /// `[spool] dir`; `None`: `spool` beside the config.
+    pub spool: Option<&'a Path>,
 }
 
 /// Writes `dir/config.toml` from `parts`.
@@ -111,7 +113,7 @@ pub fn write_config(dir: &Path, parts: ConfigParts<'_>) -> PathBuf {
         model = parts.model.display(),
         hop = parts.hop,
         broker = parts.broker,
-        spool = dir.join("spool").display(),
+        spool = parts.spool.map_or_else(|| dir.join("spool"), Path::to_path_buf).display(),
         body = parts.body,
     );
     std::fs::write(&config, text).unwrap();
@@ -168,6 +170,42 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A tmpfs of a few KiB mounted for one test (needs root, as CI has), unmounted on drop.
+pub struct TinyDisk {
+    dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    pub fn mount(size: &str) -> TinyDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root (CI runs as root)");
+        TinyDisk { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with a file until it refuses more; returns the file.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.path().join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while std::io::Write::write_all(&mut file, &[0u8; 1024]).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
     }
 }
 
