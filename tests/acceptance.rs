@@ -352,6 +352,17 @@ fn malformed_configs_and_models_exit_78_with_a_clear_message() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
     let garbage = dir.path().join("garbage.onnx");
     std::fs::write(&garbage, b"this is not an ONNX file\n").unwrap();
+    // One byte flipped in the weights (the file's second half is initializer data), beside
+    // the export's .sha256: it still parses, so only the hash can tell.
+    let rotted = dir.path().join("rotted.onnx");
+    let mut flipped = bytes.clone();
+    let middle = flipped.len() * 3 / 4;
+    flipped[middle] ^= 0x01;
+    std::fs::write(&rotted, &flipped).unwrap();
+    let sidecar = format!("{}.sha256", model.display());
+    std::fs::copy(&sidecar, dir.path().join("rotted.onnx.sha256")).unwrap();
+    let expected_sha = std::fs::read_to_string(&sidecar).unwrap().split_whitespace().next().unwrap().to_owned();
+    let rotted_needle = format!("says {expected_sha}");
     let base = |model: &Path| format!("[model]\npath = \"{}\"\n", model.display());
     let ok = base(&model);
     let test_source = "[[source]]\nname = \"cam\"\nkind = \"test\"\n";
@@ -380,6 +391,7 @@ fn malformed_configs_and_models_exit_78_with_a_clear_message() {
         ("[model]\npath = \"/nonexistent/model.onnx\"\n".to_string(), "key `model.path`"),
         (base(&truncated), "truncated.onnx"),
         (base(&garbage), "garbage.onnx"),
+        (base(&rotted), &rotted_needle),
     ];
     for (idx, (text, needle)) in cases.iter().enumerate() {
         let config = dir.path().join("config.toml");

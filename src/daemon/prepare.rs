@@ -56,6 +56,7 @@ pub fn prepare(config_path: &Path) -> Result<Prepared, Failure> {
         Failure::config(config::place(config_path, &text, FieldError::new(key, config::span_of(&text, key), message)))
     };
     let model = ModelInfo::read(&settings.model.path).map_err(|err| located("model.path", err.to_string()))?;
+    check_sidecar_sha256(&settings.model.path, &model.sha256).map_err(|message| located("model.path", message))?;
     if let Err(err) = settings.events_raw.check_labels(&model.metadata.labels) {
         return Err(Failure::config(config::place(config_path, &text, err)));
     }
@@ -111,4 +112,31 @@ impl Prepared {
             max_wait: self.settings.window.max_wait,
         }
     }
+}
+
+/// A `NAME.onnx.sha256` beside the model (as `python -m mbt export` writes it: the hex digest,
+/// optionally followed by the file name, `sha256sum` style) must match the file: a model
+/// that rotted on its SD card or was replaced half-way is refused, not run.
+fn check_sidecar_sha256(model_path: &Path, actual: &str) -> Result<(), String> {
+    let mut sidecar = model_path.as_os_str().to_owned();
+    sidecar.push(".sha256");
+    let sidecar = std::path::PathBuf::from(sidecar);
+    let text = match std::fs::read_to_string(&sidecar) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(format!("cannot read {}: {err}", sidecar.display())),
+    };
+    let expected = text.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+    if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{} does not hold a sha256 hex digest", sidecar.display()));
+    }
+    if expected != actual {
+        return Err(format!(
+            "{} has sha256 {actual}, but {} says {expected}: the file is damaged or not the one exported; \
+             copy it again (or remove the .sha256 file if the model was changed on purpose)",
+            model_path.display(),
+            sidecar.display()
+        ));
+    }
+    Ok(())
 }
