@@ -29,7 +29,7 @@ pub(super) fn start_metrics(
     let server = MetricsServer::start(
         address,
         stop.clone(),
-        move || crate::service::render(&metrics_snapshot(&metrics_state, queue.depth())),
+        move || crate::service::render(&metrics_snapshot(&metrics_state, &queue)),
         move || lock(&health_state.health).clone(),
     );
     match server {
@@ -45,7 +45,7 @@ pub(super) fn start_metrics(
 }
 
 /// Everything `/metrics` shows, read from telemetry and the daemon's state.
-fn metrics_snapshot(state: &DaemonState, queue_depth: usize) -> MetricsSnapshot {
+fn metrics_snapshot(state: &DaemonState, queue: &WindowQueue) -> MetricsSnapshot {
     let counters = telemetry::snapshot();
     let now = Instant::now();
     let sources = lock(&state.sources)
@@ -74,8 +74,8 @@ fn metrics_snapshot(state: &DaemonState, queue_depth: usize) -> MetricsSnapshot 
             sum_seconds: inference.inference_seconds,
             count: inference.batches,
         },
-        queue_depth,
-        queue_capacity: state.queue_capacity,
+        queue_depth: queue.depth(),
+        queue_capacity: queue.capacity(),
         events: telemetry::events_started()
             .into_iter()
             .map(|((source, label), count)| EventCount { source, label, count })
@@ -113,7 +113,7 @@ pub(super) fn spawn_health(
                 ready_since: *lock(&state.ready_since),
                 sources: &activity,
                 queue_depth: queue.depth(),
-                queue_capacity: state.queue_capacity,
+                queue_capacity: queue.capacity(),
                 last_inference: telemetry::last_inference(),
                 stages: &[],
             };

@@ -4,11 +4,12 @@
 //! probabilities. When inference falls behind, the producer drops the oldest waiting window
 //! (counted), so the queue never grows without bound.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::Sender;
 use time::OffsetDateTime;
 
 use crate::features::Featurizer;
@@ -38,40 +39,140 @@ pub struct ScoredWindow {
     pub batch_size: usize,
 }
 
-/// The producer's end: hands windows to the worker, dropping the oldest when it is behind.
-#[derive(Clone)]
+/// The producer's end: hands windows to the worker. Live (lossy) queues never block: when the
+/// queue is full, the oldest window of the source with the most windows waiting is dropped
+/// (so drops are shared fairly between sources, not taken from whichever source happens to
+/// push into a full queue), and the worker drops windows older than [`MAX_WINDOW_AGE`]
+/// instead of classifying them (inference really behind). Each drop is counted per source.
+/// Lossless queues (classify, record) wait for room instead. The worker ends once every
+/// clone is dropped and the queue is empty.
 pub struct WindowQueue {
-    sender: Sender<Window>,
-    oldest: Receiver<Window>,
+    shared: Arc<QueueShared>,
+}
+
+/// A window this old (by its end, in wall-clock time) when inference would take it is
+/// dropped: its result would come too late to mean anything.
+pub const MAX_WINDOW_AGE: Duration = Duration::from_secs(10);
+
+/// Windows the live queue holds: two per source (each may have one waiting while the next is
+/// cut, all arriving in the same instant when sources share a clock), and at least two batches.
+pub fn queue_capacity(max_batch: usize, n_sources: usize) -> usize {
+    (2 * max_batch).max(2 * n_sources).max(1)
+}
+
+struct QueueShared {
+    state: Mutex<QueueState>,
+    /// Signalled when a window arrives or the last producer goes.
+    arrived: Condvar,
+    /// Signalled when the worker takes windows (lossless producers wait on it).
+    taken: Condvar,
+}
+
+struct QueueState {
+    windows: VecDeque<Window>,
+    capacity: usize,
     lossless: bool,
+    producers: usize,
+}
+
+fn lock(mutex: &Mutex<QueueState>) -> MutexGuard<'_, QueueState> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl WindowQueue {
-    /// Queues `window`. Lossless queues (classify, record) wait instead of dropping.
-    pub fn push(&self, window: Window) {
-        if self.lossless {
-            let _ = self.sender.send(window);
-            return;
+    fn new(capacity: usize, lossless: bool) -> WindowQueue {
+        let state = QueueState { windows: VecDeque::new(), capacity: capacity.max(1), lossless, producers: 1 };
+        WindowQueue {
+            shared: Arc::new(QueueShared { state: Mutex::new(state), arrived: Condvar::new(), taken: Condvar::new() }),
         }
-        let mut window = window;
-        loop {
-            match self.sender.try_send(window) {
-                Ok(()) => return,
-                Err(TrySendError::Full(back)) => {
-                    window = back;
-                    if let Ok(dropped) = self.oldest.try_recv() {
-                        telemetry::window_dropped(&dropped.source, "inference is behind; dropped the oldest window");
-                    }
+    }
+
+    /// Queues `window`; see the type's docs for what happens when the queue is full.
+    pub fn push(&self, window: Window) {
+        let mut state = lock(&self.shared.state);
+        if state.lossless {
+            while state.windows.len() >= state.capacity {
+                state = self.shared.taken.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+        } else {
+            while state.windows.len() >= state.capacity {
+                let Some(victim) = fairest_victim(&state.windows) else { break };
+                if let Some(dropped) = state.windows.remove(victim) {
+                    telemetry::window_dropped(
+                        &dropped.source,
+                        "inference is behind; dropped the oldest window of the source with the most waiting",
+                    );
                 }
-                Err(TrySendError::Disconnected(_)) => return,
             }
         }
+        state.windows.push_back(window);
+        drop(state);
+        self.shared.arrived.notify_one();
     }
 
     /// Windows waiting for inference.
     pub fn depth(&self) -> usize {
-        self.sender.len()
+        lock(&self.shared.state).windows.len()
     }
+
+    /// How many windows may wait.
+    pub fn capacity(&self) -> usize {
+        lock(&self.shared.state).capacity
+    }
+
+    /// Resizes the queue (a reload changed the number of sources); windows beyond a smaller
+    /// capacity go at the next push.
+    pub fn set_capacity(&self, capacity: usize) {
+        lock(&self.shared.state).capacity = capacity.max(1);
+    }
+}
+
+impl QueueShared {
+    /// The worker's end: waits for at least one window, then takes up to `max` of them, in
+    /// arrival order; `None` once every producer is gone and nothing waits.
+    fn take(&self, max: usize) -> Option<Vec<Window>> {
+        let mut state = lock(&self.state);
+        loop {
+            if !state.windows.is_empty() {
+                let n = state.windows.len().min(max);
+                let batch: Vec<Window> = state.windows.drain(..n).collect();
+                drop(state);
+                self.taken.notify_all();
+                return Some(batch);
+            }
+            if state.producers == 0 {
+                return None;
+            }
+            state = self.arrived.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+impl Clone for WindowQueue {
+    fn clone(&self) -> WindowQueue {
+        lock(&self.shared.state).producers += 1;
+        WindowQueue { shared: self.shared.clone() }
+    }
+}
+
+impl Drop for WindowQueue {
+    fn drop(&mut self) {
+        lock(&self.shared.state).producers -= 1;
+        self.shared.arrived.notify_all();
+    }
+}
+
+/// Index of the window to drop from a full queue: the oldest one of the source that has the
+/// most windows waiting (ties: the source whose oldest window is oldest).
+fn fairest_victim(windows: &VecDeque<Window>) -> Option<usize> {
+    let mut per_source: Vec<(&str, usize, usize)> = Vec::new(); // (source, count, first index)
+    for (idx, window) in windows.iter().enumerate() {
+        match per_source.iter_mut().find(|(source, _, _)| *source == &*window.source) {
+            Some(entry) => entry.1 += 1,
+            None => per_source.push((&window.source, 1, idx)),
+        }
+    }
+    per_source.iter().max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2))).map(|&(_, _, first)| first)
 }
 
 /// Starts the worker thread. `capacity` windows may wait; up to `max_batch` run together.
@@ -84,21 +185,29 @@ pub fn spawn(
     lossless: bool,
     results: Sender<ScoredWindow>,
 ) -> anyhow::Result<(WindowQueue, JoinHandle<()>)> {
-    let (sender, receiver) = bounded::<Window>(capacity.max(1));
-    let queue = WindowQueue { sender, oldest: receiver.clone(), lossless };
+    let queue = WindowQueue::new(capacity, lossless);
+    // The worker holds the shared state, not a `WindowQueue`: it is no producer.
+    let worker_end = queue.shared.clone();
     let mut featurizer = Featurizer::new(&metadata)?;
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
         let video_len = featurizer.video_len();
         let audio_len = featurizer.audio_len();
         let mut video = vec![0.0f32; video_len * max_batch];
         let mut audio = vec![0.0f32; audio_len * max_batch];
-        while let Ok(first) = receiver.recv() {
-            let mut batch = vec![first];
-            while batch.len() < max_batch {
-                match receiver.try_recv() {
-                    Ok(window) => batch.push(window),
-                    Err(_) => break,
-                }
+        while let Some(taken) = worker_end.take(max_batch) {
+            let now = OffsetDateTime::now_utc();
+            let batch: Vec<Window> = taken
+                .into_iter()
+                .filter(|window| {
+                    let fresh = lossless || now - window.end_utc <= MAX_WINDOW_AGE;
+                    if !fresh {
+                        telemetry::window_dropped(&window.source, "window too old when inference took it");
+                    }
+                    fresh
+                })
+                .collect();
+            if batch.is_empty() {
+                continue;
             }
             let started = Instant::now();
             for (slot, window) in batch.iter().enumerate() {
@@ -161,9 +270,9 @@ mod tests {
     use super::*;
     use crate::window::WindowStats;
 
-    fn window(index: u64) -> Window {
+    fn window(source: &str, index: u64) -> Window {
         Window {
-            source: Arc::from("s"),
+            source: Arc::from(source),
             index,
             start: RunningTime::ZERO,
             end: RunningTime::ZERO,
@@ -177,31 +286,59 @@ mod tests {
         }
     }
 
-    /// Pushes windows 0..pushed into a queue of `capacity` nobody drains; returns what waits.
-    fn check(capacity: usize, pushed: u64, expected: &[u64]) {
-        let (sender, receiver) = bounded(capacity);
-        let queue = WindowQueue { sender, oldest: receiver.clone(), lossless: false };
-        for index in 0..pushed {
-            queue.push(window(index));
+    /// Pushes `pushed` ("source:index" words) into a live queue of `capacity` nobody drains,
+    /// and compares what waits, in order, with `expected`.
+    fn check(capacity: usize, pushed: &str, expected: &str) {
+        let queue = WindowQueue::new(capacity, false);
+        for word in pushed.split_whitespace() {
+            let (source, index) = word.split_once(':').unwrap();
+            queue.push(window(source, index.parse().unwrap()));
         }
-        assert_eq!(queue.depth(), expected.len());
-        let waiting: Vec<u64> = receiver.try_iter().map(|window| window.index).collect();
-        assert_eq!(waiting, expected);
+        assert_eq!(queue.depth(), expected.split_whitespace().count());
+        let waiting = queue.shared.take(usize::MAX).unwrap_or_default();
+        let got: Vec<String> = waiting.iter().map(|window| format!("{}:{}", window.source, window.index)).collect();
+        assert_eq!(got.join(" "), expected);
     }
 
     #[test]
-    fn a_full_queue_drops_the_oldest_windows() {
-        check(3, 2, &[0, 1]);
-        check(3, 3, &[0, 1, 2]);
-        check(3, 7, &[4, 5, 6]);
-        check(1, 5, &[4]);
+    fn a_full_queue_drops_the_oldest_window_of_the_source_with_most_waiting() {
+        check(3, "a:0 a:1", "a:0 a:1");
+        check(3, "a:0 a:1 a:2 a:3 a:4", "a:2 a:3 a:4");
+        // b pushes into a queue that a filled: a loses its oldest, not b.
+        check(3, "a:0 a:1 a:2 b:0", "a:1 a:2 b:0");
+        check(4, "a:0 a:1 a:2 b:0 b:1 c:0", "a:2 b:0 b:1 c:0");
+        // Equal counts: the source whose oldest window is oldest gives.
+        check(2, "a:0 b:0 c:0", "b:0 c:0");
     }
 
     #[test]
-    fn dropped_windows_are_counted() {
-        let before = crate::telemetry::snapshot().get("s").map_or(0, |counters| counters.windows_dropped);
-        check(2, 6, &[4, 5]);
-        let after = crate::telemetry::snapshot().get("s").map_or(0, |counters| counters.windows_dropped);
-        assert!(after >= before + 4, "{before} -> {after}");
+    fn drops_are_counted_per_source() {
+        let dropped = |source: &str| crate::telemetry::snapshot().get(source).map_or(0, |c| c.windows_dropped);
+        let before = (dropped("fair-a"), dropped("fair-b"));
+        check(4, "fair-a:0 fair-a:1 fair-a:2 fair-a:3 fair-b:0 fair-b:1", "fair-a:2 fair-a:3 fair-b:0 fair-b:1");
+        assert_eq!((dropped("fair-a") - before.0, dropped("fair-b") - before.1), (2, 0));
+    }
+
+    #[test]
+    fn the_worker_end_drains_then_ends_when_the_producers_are_gone() {
+        let queue = WindowQueue::new(8, false);
+        let shared = queue.shared.clone();
+        let second = queue.clone();
+        queue.push(window("a", 0));
+        drop(queue);
+        second.push(window("a", 1));
+        assert_eq!(shared.take(1).map(|batch| batch.len()), Some(1));
+        drop(second);
+        assert_eq!(shared.take(8).map(|batch| batch.len()), Some(1));
+        assert!(shared.take(8).is_none());
+    }
+
+    #[test]
+    fn capacity_grows_with_the_sources() {
+        assert_eq!(queue_capacity(4, 1), 8);
+        assert_eq!(queue_capacity(4, 100), 200);
+        let queue = WindowQueue::new(2, false);
+        queue.set_capacity(queue_capacity(4, 3));
+        assert_eq!(queue.capacity(), 8);
     }
 }

@@ -53,11 +53,11 @@ pub fn run(config: &Path) -> Result<(), Failure> {
         .map_err(|err| Failure { code: exit::CANT_CREATE, error: anyhow::anyhow!("starting the publisher: {err}") })?;
 
     let (results_tx, results) = bounded::<ScoredWindow>(64);
-    let capacity = settings.model.max_batch * 2;
+    let capacity = infer::queue_capacity(settings.model.max_batch, settings.sources.len());
     let (queue, worker) =
         infer::spawn(runtime, model.metadata.clone(), settings.model.max_batch, capacity, false, results_tx)
             .map_err(Failure::config)?;
-    let state = Arc::new(DaemonState::new(settings.sources.iter().map(|source| source.name.clone()), capacity));
+    let state = Arc::new(DaemonState::new(settings.sources.iter().map(|source| source.name.clone())));
     let (notices_tx, notices) = bounded::<Notice>(NOTICES_CAPACITY);
     let engine = EventEngine::new(settings.events.clone(), model.metadata.labels.clone(), model.metadata.multi_label);
     let controls = Controls::load(&settings.state_dir);
@@ -120,7 +120,10 @@ pub fn run(config: &Path) -> Result<(), Failure> {
         }
         let _ = notifier.reloading();
         match reload::apply_reload(config, &mut prepared, &mut sources, &state, &notices_tx, &mut sink) {
-            Ok(summary) => tracing::info!(config = %config.display(), "{summary}"),
+            Ok(summary) => {
+                queue.set_capacity(infer::queue_capacity(settings.model.max_batch, prepared.settings.sources.len()));
+                tracing::info!(config = %config.display(), "{summary}")
+            }
             Err(reason) => {
                 tracing::warn!(config = %config.display(), "reload refused: {reason}; the running configuration stays")
             }

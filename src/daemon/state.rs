@@ -16,7 +16,6 @@ pub(super) struct DaemonState {
     pub(super) ready_since: Mutex<Instant>,
     pub(super) publisher: Mutex<PublisherGauges>,
     pub(super) health: Mutex<Result<(), String>>,
-    pub(super) queue_capacity: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -46,13 +45,12 @@ pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DaemonState {
-    pub(super) fn new(names: impl Iterator<Item = String>, queue_capacity: usize) -> DaemonState {
+    pub(super) fn new(names: impl Iterator<Item = String>) -> DaemonState {
         let state = DaemonState {
             sources: Mutex::new(Vec::new()),
             ready_since: Mutex::new(Instant::now()),
             publisher: Mutex::new(PublisherGauges::default()),
             health: Mutex::new(Ok(())),
-            queue_capacity,
         };
         state.set_sources(names);
         state

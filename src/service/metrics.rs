@@ -694,6 +694,8 @@ mod tests {
                 ("mbt_edge_mqtt_connected", &[], Some(1.0)),
                 ("mbt_edge_spool_events", &[], Some(5.0)),
                 ("mbt_edge_spool_bytes", &[], Some(2048.0)),
+                ("mbt_edge_spool_unwritable", &[], Some(0.0)),
+                ("mbt_edge_spool_unwritten_events", &[], Some(0.0)),
             ],
         );
     }
@@ -704,7 +706,7 @@ mod tests {
         assert_eq!(families["mbt_edge_inference_latency_seconds"].0, "histogram");
         assert_eq!(families["mbt_edge_windows_built_total"].0, "counter");
         assert_eq!(families["mbt_edge_mqtt_connected"].0, "gauge");
-        assert_eq!(families.len(), 13);
+        assert_eq!(families.len(), 15);
         assert!(families.values().all(|(_, help)| !help.is_empty()));
     }
 
