@@ -253,12 +253,30 @@ impl Spool {
             self.acks_written += 1;
             self.unwritten_acks.pop();
         }
+        if self.unwritable.is_some() {
+            // Nothing was waiting (held records may have been acked straight from memory):
+            // only a write that goes through says the disk takes writes again.
+            if let Err(err) = self.probe() {
+                self.refused(&err);
+                return false;
+            }
+        }
         if let Some(reason) = self.unwritable.take() {
             tracing::info!(dir = %self.settings.dir.display(), was = reason, "spool writable again; held events are on disk");
         }
         let _ = self.delete_dead_segments();
         self.refresh_stats();
         true
+    }
+
+    /// Writes, fsyncs and removes a small file in the spool directory.
+    fn probe(&self) -> Result<(), SpoolError> {
+        let path = self.settings.dir.join(".probe");
+        let written = fs::create_dir_all(&self.settings.dir)
+            .and_then(|()| File::create(&path))
+            .and_then(|mut file| file.write_all(&[0u8; 512]).and_then(|()| file.sync_all()));
+        let _ = fs::remove_file(&path);
+        written.map_err(|source| SpoolError::File { path, source })
     }
 
     /// Why the disk refuses writes, while it does (records are then held in memory).
