@@ -1,7 +1,7 @@
 """MBT configuration, named presets, and the `mbt` metadata JSON (models/METADATA.md).
 
 Torch-free on purpose: the FLOPs report, the log-mel reference and the checks of committed
-model files run where only numpy/onnx are installed (CI).
+model files run where only numpy/onnx are installed.
 """
 
 from __future__ import annotations
