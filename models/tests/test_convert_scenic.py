@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mbt import numpy_ref
+from mbt.config import MBTConfig
 from mbt.convert_scenic import find_params, load_params, msgpack_restore, msgpack_serialize
 
 D, HEADS, MLP, LAYERS, CLASSES = 32, 2, 48, 3, 5
@@ -274,8 +275,12 @@ def test_video_span_flags(tmp_path):
     rc, out = _convert(tmp_path, ckpt, "--fusion-layer", "1", "--video-span-seconds", "0.16",
                        "--video-span-position", "end", "--no-parity")
     assert rc == 0
-    video = read_metadata(out)["video"]
-    assert video["span_seconds"] == 0.16 and video["span_position"] == "end"
+    md = read_metadata(out)
+    assert md["video"]["span_seconds"] == 0.16 and md["video"]["span_position"] == "end"
+    # train reads a recorded folder's features.json back into the same span.
+    cfg = MBTConfig.from_metadata(md)
+    assert (cfg.video_span_seconds, cfg.video_span_position) == (0.16, "end")
+    assert cfg.metadata() == md
 
 
 def test_labels_one_per_line(tmp_path):
