@@ -379,7 +379,8 @@ def build_model(params: dict, cfg):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m mbt convert-scenic", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m mbt convert-scenic",
+                                 description="Convert an official scenic MBT checkpoint (Flax msgpack TrainState) to ONNX.")
     ap.add_argument("checkpoint", help="scenic checkpoint file (msgpack TrainState, e.g. checkpoint_NNNN)")
     ap.add_argument("--out", required=True, help="output NAME.onnx")
     ap.add_argument("--scenic-preset", choices=sorted(SCENIC_PRESETS),
