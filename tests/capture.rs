@@ -33,6 +33,7 @@ fn window_settings(length: Duration, hop: Duration) -> WindowSettings {
         audio: true,
         max_lead: Duration::from_secs(30),
         max_wait: Duration::from_secs(2),
+        video_span: None,
     }
 }
 

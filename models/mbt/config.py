@@ -1,7 +1,7 @@
 """MBT configuration, named presets, and the `mbt` metadata JSON (models/METADATA.md).
 
 Torch-free on purpose: the FLOPs report, the log-mel reference and the checks of committed
-model files run where only numpy/onnx are installed (CI).
+model files run where only numpy/onnx are installed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 FUSION_MODES = ("bottleneck", "vanilla", "cross_attention")
 MODALITIES = ("video", "audio")
-CLASSIFIERS = ("token", "gap")
+CLASSIFIERS = ("token", "gap", "gmp", "gsp")
+SPAN_POSITIONS = ("centre", "start", "end")
 METADATA_KEY = "mbt"
 FORMAT_VERSION = 1
 
@@ -35,9 +36,14 @@ class MBTConfig:
     layers: int = 12
     fusion: str = "bottleneck"
     fusion_layer: int = 8  # Lf: 0 early fusion, == layers late fusion
-    bottlenecks: int = 4  # number of shared tokens actually used (scenic 'token': B+1)
+    bottlenecks: int = 4  # B, scenic's n_bottlenecks
+    # scenic's classifier 'token' makes B+1 bottleneck tokens (n_bottlenecks += 1); our own
+    # models use B. The tokens the layers see: `bottleneck_tokens`.
+    extra_bottleneck_token: bool = False
     modalities: tuple[str, ...] = ("video", "audio")
-    classifier: str = "token"  # 'token' (CLS per modality) or 'gap' (scenic mean pooling)
+    # 'token' (CLS per modality); scenic's pooling heads over all tokens: 'gap' (mean),
+    # 'gmp' (max), 'gsp' (sum).
+    classifier: str = "token"
     # Head.
     labels: list[str] = field(default_factory=lambda: ["class_0", "class_1"])
     multi_label: bool = False
@@ -50,6 +56,10 @@ class MBTConfig:
     video_patch: tuple[int, int, int] = (1, 16, 16)  # (t, h, w)
     video_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     video_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # The F frames span this many seconds of the window (None: the whole window), placed
+    # at its centre, start or end (METADATA.md, "Pixels").
+    video_span_seconds: float | None = None
+    video_span_position: str = "centre"
     # Audio: log-mel recipe of METADATA.md.
     n_frames: int = 800
     n_mels: int = 128
@@ -94,6 +104,10 @@ class MBTConfig:
         pt, pm = self.audio_patch
         return (self.n_frames // pt, self.n_mels // pm)
 
+    @property
+    def bottleneck_tokens(self) -> int:
+        return self.bottlenecks + (1 if self.extra_bottleneck_token else 0)
+
     def n_tokens(self, modality: str) -> int:
         """Tokens entering the transformer for one modality, CLS included."""
         if modality == "video":
@@ -118,6 +132,10 @@ class MBTConfig:
             errors.append(f"fusion_layer must be in 0..={self.layers}")
         if self.head_dim is None and self.hidden % self.heads:
             errors.append("hidden must be divisible by heads (or set head_dim)")
+        if self.video_span_position not in SPAN_POSITIONS:
+            errors.append(f"video_span_position must be one of {SPAN_POSITIONS}, got {self.video_span_position!r}")
+        if self.video_span_seconds is not None and not 0 < self.video_span_seconds <= self.window_seconds:
+            errors.append(f"video_span_seconds must be in (0, window_seconds = {self.window_seconds}]")
         if self.fusion == "bottleneck" and self.bottlenecks < 1:
             errors.append("bottleneck fusion needs bottlenecks >= 1")
         if not self.labels:
@@ -195,6 +213,9 @@ class MBTConfig:
                 "mean": list(self.video_mean),
                 "std": list(self.video_std),
             }
+            if self.video_span_seconds is not None and self.video_span_seconds != self.window_seconds:
+                md["video"]["span_seconds"] = self.video_span_seconds
+                md["video"]["span_position"] = self.video_span_position
         if self.has_audio:
             md["audio"] = {
                 "sample_rate": self.sample_rate,
@@ -217,6 +238,7 @@ class MBTConfig:
             "layers": self.layers,
             "fusion_layer": self.fusion_layer,
             "bottlenecks": self.bottlenecks,
+            **({"bottleneck_tokens": self.bottleneck_tokens} if self.extra_bottleneck_token else {}),
             "hidden": self.hidden,
             "heads": self.heads,
             "head_dim": self.dim_head,
@@ -246,6 +268,7 @@ class MBTConfig:
             layers=fu["layers"],
             fusion_layer=fu["fusion_layer"],
             bottlenecks=fu["bottlenecks"],
+            extra_bottleneck_token=fu.get("bottleneck_tokens", fu["bottlenecks"]) == fu["bottlenecks"] + 1,
             hidden=fu["hidden"],
             heads=fu["heads"],
             head_dim=None if fu.get("head_dim") in (None, fu["hidden"] // fu["heads"]) else fu["head_dim"],
@@ -260,6 +283,7 @@ class MBTConfig:
                 frames=v["frames"], height=v["height"], width=v["width"],
                 video_mean=tuple(v["mean"]), video_std=tuple(v["std"]),
                 video_patch=tuple(fu["video_patch"]),
+                video_span_seconds=v.get("span_seconds"), video_span_position=v.get("span_position", "centre"),
             )
         if "audio" in md:
             a = md["audio"]

@@ -50,7 +50,7 @@ def macs(cfg: MBTConfig, scenic_cross_attention: bool = False) -> dict[str, int]
         if len(mods) == 1 or lyr < cfg.fusion_layer:
             enc += sum(_block_macs(cfg, tok[m]) for m in mods)
         elif cfg.fusion == "bottleneck":
-            enc += sum(_block_macs(cfg, tok[m] + cfg.bottlenecks) for m in mods)
+            enc += sum(_block_macs(cfg, tok[m] + cfg.bottleneck_tokens) for m in mods)
         elif cfg.fusion == "cross_attention":
             total = sum(tok.values())
             if scenic_cross_attention:

@@ -138,7 +138,7 @@ class MBT(nn.Module):
             n_layers = cfg.fusion_layer if (two and cfg.fusion == "vanilla" and m == "audio") else cfg.layers
             setattr(self, f"{m}_blocks", nn.ModuleList(Block(cfg) for _ in range(n_layers)))
         if two and cfg.fusion == "bottleneck":
-            self.bottleneck = nn.Parameter(torch.randn(1, cfg.bottlenecks, d) * 0.02)
+            self.bottleneck = nn.Parameter(torch.randn(1, cfg.bottleneck_tokens, d) * 0.02)
         self.encoder_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.head = nn.Linear(d, cfg.classes)
         self._init_weights()
@@ -173,7 +173,7 @@ class MBT(nn.Module):
                 for m in mods:
                     xs[m] = getattr(self, f"{m}_blocks")[lyr](xs[m], tok[m])
             elif cfg.fusion == "bottleneck":
-                b = cfg.bottlenecks
+                b = cfg.bottleneck_tokens
                 outs = []
                 for m in mods:
                     shared = _batch_like(xs[m], self.bottleneck) if bneck is None else bneck
@@ -203,9 +203,11 @@ class MBT(nn.Module):
             per = {m: self.head(enc[m][:, 0]) for m in mods}
             fused = per[mods[0]] if len(mods) == 1 else (per[mods[0]] + per[mods[1]]) * 0.5
         else:
-            # scenic 'gap': one mean over all tokens of all modalities, then the head.
-            per = {m: self.head(enc[m].mean(dim=1)) for m in mods}
-            fused = self.head(torch.cat([enc[m] for m in mods], dim=1).mean(dim=1))
+            # scenic 'gap' / 'gmp' / 'gsp': one mean / max / sum over all tokens of all
+            # modalities, then the head; per modality the same over its own tokens.
+            pool = {"gap": torch.mean, "gmp": torch.amax, "gsp": torch.sum}[self.cfg.classifier]
+            per = {m: self.head(pool(enc[m], dim=1)) for m in mods}
+            fused = self.head(pool(torch.cat([enc[m] for m in mods], dim=1), dim=1))
         return fused, per
 
     def forward(self, *inputs: torch.Tensor):

@@ -71,10 +71,19 @@ def conv_patches(x, kernel, bias):
 
 
 def mbt_forward(params, video=None, audio=None, *, fusion_layer, use_bottleneck=True,
-                share_encoder=False, classifier="token"):
-    """scenic MBT.__call__(train=False). Returns (logits, {modality: logits}); the
-    per-modality dict is empty for classifier 'gap' (scenic has no per-modality logits
-    there)."""
+                test_with_bottlenecks=True, share_encoder=False, classifier="token"):
+    """scenic MBT.__call__(train=False). Returns (logits, {modality: logits}).
+
+    With classifier 'token' the per-modality logits are scenic's (each CLS through the
+    head, averaged into `logits`). scenic's pooling classifiers ('gap', 'gmp', 'gsp': mean,
+    max, sum over all tokens of all modalities) have no per-modality logits; the dict then
+    holds our model's addition, the same pooling over one modality's tokens only.
+    `test_with_bottlenecks=False` with `use_bottleneck`: every layer unimodal at eval."""
+    if classifier not in ("token", "gap", "gmp", "gsp"):
+        raise ValueError(f"classifier {classifier!r}")
+    if use_bottleneck and classifier != "token":
+        # scenic sets n and c (the bottleneck's shape) only in the 'token' branch.
+        raise ValueError("scenic's MBT cannot build use_bottleneck with a pooling classifier")
     p = {k: v for k, v in params.items()}
     tr = p["Transformer"]
     x = {}
@@ -113,7 +122,7 @@ def mbt_forward(params, video=None, audio=None, *, fusion_layer, use_bottleneck=
                 enc[m] = tr[f"encoderblock_{lyr}"]
             else:
                 enc[m] = tr[f"encoderblock_{lyr}_{m}"]
-        if lyr < fusion_layer or len(mods) == 1:
+        if lyr < fusion_layer or len(mods) == 1 or (use_bottleneck and not test_with_bottlenecks):
             for m in mods:
                 x[m] = encoder_block(x[m], enc[m])
         elif use_bottleneck:
@@ -145,5 +154,12 @@ def mbt_forward(params, video=None, audio=None, *, fusion_layer, use_bottleneck=
             counter += temporal[m] + 1
         fused = sum(per.values()) / len(per)
         return fused, {("audio" if m == "spectrogram" else "video"): v for m, v in per.items()}
-    fused = dense(encoded.mean(axis=1), p["output_projection"])
-    return fused, {}
+    pool = {"gap": np.mean, "gmp": np.max, "gsp": np.sum}[classifier]
+    fused = dense(pool(encoded, axis=1), p["output_projection"])
+    per, counter = {}, 0
+    for m in mods:  # x_out / x_combined hold the modalities in this order
+        t = temporal[m]
+        per["audio" if m == "spectrogram" else "video"] = dense(pool(encoded[:, counter:counter + t], axis=1),
+                                                                p["output_projection"])
+        counter += t
+    return fused, per

@@ -23,8 +23,10 @@ def assert_rel_close(got, want, rel=1e-5):
 
 @pytest.mark.parametrize(
     "cfg",
-    [tiny(fusion=m) for m in MODES] + [tiny(modalities=("audio",)), tiny(video_patch=(2, 16, 16), classifier="gap")],
-    ids=lambda c: f"{c.fusion}-{'+'.join(c.modalities)}-{c.classifier}",
+    [tiny(fusion=m) for m in MODES] + [tiny(modalities=("audio",)), tiny(video_patch=(2, 16, 16), classifier="gap"),
+                                       tiny(fusion="vanilla", classifier="gmp"), tiny(classifier="gsp"),
+                                       tiny(extra_bottleneck_token=True)],
+    ids=lambda c: f"{c.fusion}-{'+'.join(c.modalities)}-{c.classifier}" + ("-b+1" if c.extra_bottleneck_token else ""),
 )
 def test_round_trip(tmp_path, cfg):
     torch.manual_seed(0)

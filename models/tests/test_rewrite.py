@@ -1,6 +1,6 @@
 """`python -m mbt rewrite`: the rewritten graph has no Softmax and one Gelu per block, keeps
 metadata, I/O names and the symbolic batch, and gives the same outputs (onnxruntime; the
-tract Python bindings too where installed). Torch-free: runs in CI."""
+tract Python bindings, `tract` in requirements-ci.txt, the daemon's tract release). Torch-free."""
 
 import json
 from pathlib import Path

@@ -110,6 +110,7 @@ impl Prepared {
             audio: format.audio.is_some(),
             max_lead: self.settings.window.max_lead,
             max_wait: self.settings.window.max_wait,
+            video_span: self.model.metadata.video_span(),
         }
     }
 }

@@ -10,6 +10,8 @@ use sha2::{Digest, Sha256};
 use tract_onnx::pb;
 use tract_onnx::prelude::Framework;
 
+use crate::window::VideoSpan;
+
 /// The `mbt` metadata entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +37,22 @@ pub struct VideoRecipe {
     pub width: u32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// The frames cover this many seconds of the window (default: the whole window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_seconds: Option<f64>,
+    /// Where that span sits in the window (default: the centre).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_position: Option<SpanPosition>,
+}
+
+/// `video.span_position`: the span's place in the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpanPosition {
+    #[default]
+    Centre,
+    Start,
+    End,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +105,20 @@ impl ModelMetadata {
         Duration::from_secs_f64(self.window_seconds)
     }
 
+    /// The part of the window the video frames come from (`video.span_seconds` and
+    /// `video.span_position`); `None`: the whole window.
+    pub fn video_span(&self) -> Option<VideoSpan> {
+        let video = self.video.as_ref()?;
+        let length = Duration::from_secs_f64(video.span_seconds?).min(self.window_length());
+        let room = self.window_length() - length;
+        let offset = match video.span_position.unwrap_or_default() {
+            SpanPosition::Centre => room / 2,
+            SpanPosition::Start => Duration::ZERO,
+            SpanPosition::End => room,
+        };
+        Some(VideoSpan { offset, length })
+    }
+
     /// Checks internal consistency (see models/METADATA.md).
     pub fn check(&self) -> Result<(), String> {
         if self.format_version != 1 {
@@ -107,6 +139,11 @@ impl ModelMetadata {
             }
             if video.std.iter().any(|std| *std <= 0.0) {
                 return Err("video std must be positive".into());
+            }
+            if let Some(span) = video.span_seconds
+                && !(span > 0.0 && span <= self.window_seconds)
+            {
+                return Err(format!("video.span_seconds {span} is out of range (0, window_seconds]"));
             }
         }
         if let Some(audio) = &self.audio {

@@ -31,9 +31,27 @@ pub struct WindowSettings {
     pub audio: bool,
     pub max_lead: Duration,
     pub max_wait: Duration,
+    /// The part of each window the frames are taken from; `None`: the whole window.
+    pub video_span: Option<VideoSpan>,
+}
+
+/// The frames of a window spread over `[start + offset, start + offset + length)` rather
+/// than the whole window (a model trained on a shorter video clip than its audio clip).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VideoSpan {
+    pub offset: Duration,
+    pub length: Duration,
 }
 
 impl WindowSettings {
+    /// Where frame `frame_idx` of `n_frames` is taken, relative to the window start, and the
+    /// sampling interval: frame j is nearest to `offset + (j + 0.5) * length / n_frames`.
+    fn frame_offset(&self, frame_idx: usize) -> (Duration, Duration) {
+        let span = self.video_span.unwrap_or(VideoSpan { offset: Duration::ZERO, length: self.length });
+        let interval = span.length / self.n_frames as u32;
+        (span.offset + interval * frame_idx as u32 + interval / 2, interval)
+    }
+
     /// Samples per window: `length * sample_rate`, exactly.
     pub fn n_samples(&self) -> usize {
         (self.length.as_nanos() * self.sample_rate as u128 / 1_000_000_000) as usize
@@ -399,9 +417,9 @@ impl WindowBuilder {
 
         let mut frames = Vec::with_capacity(settings.n_frames);
         if settings.video && settings.n_frames > 0 {
-            let interval = settings.length / settings.n_frames as u32;
             for frame_idx in 0..settings.n_frames {
-                let target = start + interval * frame_idx as u32 + interval / 2;
+                let (offset, interval) = settings.frame_offset(frame_idx);
+                let target = start + offset;
                 match self.nearest_frame(target, end) {
                     Some(frame) => {
                         let distance = frame.pts.signed_diff(target).unsigned_abs();

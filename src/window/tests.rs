@@ -21,6 +21,7 @@ fn settings(length_ms: u64, hop_ms: u64, n_frames: usize) -> WindowSettings {
         audio: true,
         max_lead: Duration::from_secs(30),
         max_wait: Duration::from_secs(2),
+        video_span: None,
     }
 }
 
@@ -343,4 +344,51 @@ fn sound_level_is_the_rms_of_the_newest_hop_in_dbfs() {
     let frames: Vec<Window> =
         (0..50).flat_map(|idx| video_only.push_frame(frame(idx, 40), frame(idx, 40).pts)).collect();
     assert!(frames.iter().all(|window| window.stats.audio_dbfs.is_none()));
+}
+
+/// A model's metadata with `video.span_seconds` (scenic's AudioSet models: 32 frames over
+/// 2.56 s beside 8 s of audio), at `position`.
+fn metadata_with_span(position: &str) -> crate::model::ModelMetadata {
+    let json = serde_json::json!({
+        "format_version": 1, "name": "span", "labels": ["a"], "multi_label": true, "window_seconds": 8.0,
+        "video": {"frames": 32, "height": 2, "width": 2, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                  "span_seconds": 2.56, "span_position": position},
+    });
+    let metadata: crate::model::ModelMetadata = serde_json::from_value(json).unwrap();
+    metadata.check().unwrap();
+    metadata
+}
+
+#[test]
+fn a_short_video_span_takes_the_frames_from_that_span() {
+    for (position, offset_ms) in [("centre", 2_720), ("start", 0), ("end", 5_440)] {
+        let metadata = metadata_with_span(position);
+        let span = metadata.video_span();
+        assert_eq!(
+            span,
+            Some(VideoSpan { offset: Duration::from_millis(offset_ms), length: Duration::from_millis(2_560) })
+        );
+        let mut settings = settings(8_000, 2_000, 32);
+        settings.video_span = span;
+        let (video, audio) = streams(10);
+        let interleaved: Vec<Item> = video.into_iter().chain(audio).collect();
+        let windows = check(settings, &interleaved);
+        assert_eq!(windows.len(), 2);
+        for window in &windows {
+            // Frame j is nearest to start + offset + (j + 0.5) * 80 ms; at 25 fps every
+            // target is a frame time, so the span's frames are picked exactly.
+            let picked: Vec<Duration> = window.frames.iter().map(|frame| frame.pts.as_duration()).collect();
+            let expected: Vec<Duration> =
+                (0..32).map(|j| window.start.as_duration() + Duration::from_millis(offset_ms + 40 + 80 * j)).collect();
+            assert_eq!(picked, expected, "{position}");
+            assert_eq!(window.stats.video_gap_frames, 0);
+        }
+    }
+}
+
+#[test]
+fn without_a_span_the_frames_cover_the_whole_window() {
+    let mut metadata = metadata_with_span("centre");
+    metadata.video.as_mut().unwrap().span_seconds = None;
+    assert_eq!(metadata.video_span(), None);
 }
