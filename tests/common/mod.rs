@@ -1,5 +1,6 @@
-//! Shared by the test crates: a real mosquitto on a free loopback port, the daemon binary as a
-//! child process with its log, and the config files the tests write.
+//! Shared by the test crates: a real mosquitto on a free loopback port, a real RTSP server
+//! (tests/rtsp_server.py) on another, the daemon binary as a child process with its log, and
+//! the config files the tests write.
 
 #![allow(dead_code)]
 
@@ -73,6 +74,90 @@ impl Drop for Broker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// What tests/rtsp_server.py serves: H.264 video of this size and rate, and a sine tone of
+/// `freq` Hz as PCMA (8 kHz only) or L16 (any rate).
+#[derive(Debug, Clone, Copy)]
+pub struct RtspMedia {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// `pcma` or `l16`.
+    pub audio_codec: &'static str,
+    pub audio_rate: u32,
+    pub freq: f64,
+}
+
+/// tests/rtsp_server.py (GstRtspServer through the system python3) serving one media at
+/// `rtsp://127.0.0.1:PORT/stream`; killed (SIGKILL, by PID) when dropped. Starting panics,
+/// naming the package, when something it or the client side needs is missing.
+pub struct RtspServer {
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RtspServer {
+    pub fn start(media: RtspMedia) -> RtspServer {
+        // The client side (the daemon's rtspsrc ! decodebin) needs an H.264 decoder.
+        let decoder = Command::new("gst-inspect-1.0").args(["--exists", "avdec_h264"]).status();
+        assert!(
+            decoder.is_ok_and(|status| status.success()),
+            "no H.264 decoder for the RTSP client: apt-get install gstreamer1.0-libav (avdec_h264)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("rtsp_server.log");
+        let mut server = RtspServer { port: free_port(), child: None, log, _dir: dir };
+        server.restart(media);
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("rtsp://127.0.0.1:{}/stream", self.port)
+    }
+
+    /// Starts the server (again) on the same port, serving `media`; waits until it listens.
+    pub fn restart(&mut self, media: RtspMedia) {
+        assert!(self.child.is_none(), "the RTSP server is already running");
+        // PyGObject (python3-gi) belongs to the system interpreter, not to a venv or pyenv one.
+        let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+        let script = repo().join("tests/rtsp_server.py");
+        let child = Command::new(python)
+            .arg(&script)
+            .args(["--port", &self.port.to_string()])
+            .args(["--width", &media.width.to_string(), "--height", &media.height.to_string()])
+            .args(["--fps", &media.fps.to_string(), "--audio-codec", media.audio_codec])
+            .args(["--audio-rate", &media.audio_rate.to_string(), "--freq", &media.freq.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.log).unwrap())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot run {python} {}: {err} (apt-get install python3)", script.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten());
+            let log = || std::fs::read_to_string(&self.log).unwrap_or_default();
+            assert!(exited.is_none(), "the RTSP server exited ({exited:?}): {}", log());
+            assert!(Instant::now() < deadline, "the RTSP server did not listen on {}: {}", self.port, log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a camera that loses power; waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
