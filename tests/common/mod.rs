@@ -125,25 +125,35 @@ impl RtspServer {
         // PyGObject (python3-gi) belongs to the system interpreter, not to a venv or pyenv one.
         let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
         let script = repo().join("tests/rtsp_server.py");
-        let child = Command::new(python)
+        let mut child = Command::new(python)
             .arg(&script)
             .args(["--port", &self.port.to_string()])
             .args(["--width", &media.width.to_string(), "--height", &media.height.to_string()])
             .args(["--fps", &media.fps.to_string(), "--audio-codec", media.audio_codec])
             .args(["--audio-rate", &media.audio_rate.to_string(), "--freq", &media.freq.to_string()])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&self.log).unwrap())
             .spawn()
             .unwrap_or_else(|err| panic!("cannot run {python} {}: {err} (apt-get install python3)", script.display()));
+        // "ready PORT" once it listens; end of output if it exits first. A port that answers
+        // is not enough: after a kill it might be someone else's.
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            let exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten());
-            let log = || std::fs::read_to_string(&self.log).unwrap_or_default();
-            assert!(exited.is_none(), "the RTSP server exited ({exited:?}): {}", log());
-            assert!(Instant::now() < deadline, "the RTSP server did not listen on {}: {}", self.port, log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
+                if line.starts_with("ready ") {
+                    let _ = ready_tx.send(line);
+                }
+            }
+        });
+        let ready = ready_rx.recv_timeout(Duration::from_secs(15));
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert_eq!(
+            ready.as_deref(),
+            Ok(format!("ready {}", self.port).as_str()),
+            "the RTSP server did not start: {log}"
+        );
     }
 
     /// SIGKILL, as a camera that loses power; waits for the exit.
