@@ -1,5 +1,6 @@
-//! Shared by the test crates: a real mosquitto on a free loopback port, the daemon binary as a
-//! child process with its log, and the config files the tests write.
+//! Shared by the test crates: a real mosquitto on a free loopback port, a real RTSP server
+//! (tests/rtsp_server.py) on another, the daemon binary as a child process with its log, and
+//! the config files the tests write.
 
 #![allow(dead_code)]
 
@@ -73,6 +74,100 @@ impl Drop for Broker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// What tests/rtsp_server.py serves: H.264 video of this size and rate, and a sine tone of
+/// `freq` Hz as PCMA (8 kHz only) or L16 (any rate).
+#[derive(Debug, Clone, Copy)]
+pub struct RtspMedia {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// `pcma` or `l16`.
+    pub audio_codec: &'static str,
+    pub audio_rate: u32,
+    pub freq: f64,
+}
+
+/// tests/rtsp_server.py (GstRtspServer through the system python3) serving one media at
+/// `rtsp://127.0.0.1:PORT/stream`; killed (SIGKILL, by PID) when dropped. Starting panics,
+/// naming the package, when something it or the client side needs is missing.
+pub struct RtspServer {
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RtspServer {
+    pub fn start(media: RtspMedia) -> RtspServer {
+        // The client side (the daemon's rtspsrc ! decodebin) needs an H.264 decoder.
+        let decoder = Command::new("gst-inspect-1.0").args(["--exists", "avdec_h264"]).status();
+        assert!(
+            decoder.is_ok_and(|status| status.success()),
+            "no H.264 decoder for the RTSP client: apt-get install gstreamer1.0-libav (avdec_h264)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("rtsp_server.log");
+        let mut server = RtspServer { port: free_port(), child: None, log, _dir: dir };
+        server.restart(media);
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("rtsp://127.0.0.1:{}/stream", self.port)
+    }
+
+    /// Starts the server (again) on the same port, serving `media`; waits until it listens.
+    pub fn restart(&mut self, media: RtspMedia) {
+        assert!(self.child.is_none(), "the RTSP server is already running");
+        // PyGObject (python3-gi) belongs to the system interpreter, not to a venv or pyenv one.
+        let python = if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+        let script = repo().join("tests/rtsp_server.py");
+        let mut child = Command::new(python)
+            .arg(&script)
+            .args(["--port", &self.port.to_string()])
+            .args(["--width", &media.width.to_string(), "--height", &media.height.to_string()])
+            .args(["--fps", &media.fps.to_string(), "--audio-codec", media.audio_codec])
+            .args(["--audio-rate", &media.audio_rate.to_string(), "--freq", &media.freq.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&self.log).unwrap())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot run {python} {}: {err} (apt-get install python3)", script.display()));
+        // "ready PORT" once it listens; end of output if it exits first. A port that answers
+        // is not enough: after a kill it might be someone else's.
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        self.child = Some(child);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
+                if line.starts_with("ready ") {
+                    let _ = ready_tx.send(line);
+                }
+            }
+        });
+        let ready = ready_rx.recv_timeout(Duration::from_secs(15));
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert_eq!(
+            ready.as_deref(),
+            Ok(format!("ready {}", self.port).as_str()),
+            "the RTSP server did not start: {log}"
+        );
+    }
+
+    /// SIGKILL, as a camera that loses power; waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
