@@ -529,7 +529,7 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(O
         return None;
     }
     let k = x_fact.shape[2].to_usize().ok()?;
-    if amx && k % K_BLOCK != 0 {
+    if amx && !amx_takes_k(k) {
         return None;
     }
     let mut sets: Vec<(Option<Slice>, Vec<Chain>)> = vec![(None, vec![])];
@@ -578,6 +578,13 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(O
         groups.push(Group { slice, op, replaced });
     }
     (!groups.is_empty()).then_some((x, groups))
+}
+
+/// Whether the AMX path can run an inner dimension of `k`: whole tiles of 64, and at least
+/// one, since `tile_block` runs its loop once before testing the count (`dec; jnz`): with
+/// k = 0 it would never end.
+fn amx_takes_k(k: usize) -> bool {
+    k > 0 && k.is_multiple_of(K_BLOCK)
 }
 
 /// Replaces each quantised weight-matmul group of a decluttered model by one [`Int8Linear`];
@@ -706,6 +713,9 @@ mod tests {
 
     const ALL: Option<(usize, usize)> = None;
 
+    /// One matmul of [`chain`]: the rows of the quantised input it reads (all: `ALL`), its N.
+    type Matmul = (Option<(usize, usize)>, usize);
+
     #[test]
     fn qkv_group_matches_tract() {
         let qkv = [(ALL, 128), (ALL, 128), (ALL, 128)];
@@ -734,6 +744,41 @@ mod tests {
         check([1, 133, 128], &layer, 3, false);
         if available() {
             check([2, 133, 128], &layer, 3, true);
+        }
+    }
+
+    /// Regression (#20): the matcher took k = 0 for AMX (0 is a multiple of 64), and
+    /// `tile_block`'s loop, which runs once before testing its count, never ended. (A graph
+    /// with k = 0 cannot be built to show it: tract folds the empty product to a constant
+    /// while wiring, so the predicate the matcher uses is checked itself.)
+    #[test]
+    fn empty_k_is_not_taken_for_amx() {
+        assert!(!amx_takes_k(0));
+        assert!(!amx_takes_k(100));
+        assert!(amx_takes_k(64) && amx_takes_k(768));
+    }
+
+    /// The two int8 paths against tract's plan (amx where the CPU has it, else reported as
+    /// not available, past the harness's capture like f32fuse's path tests).
+    #[test]
+    fn kernel_paths_int8_match_tract() {
+        use std::io::Write as _;
+        let layer = [(ALL, 128), (Some((0, 129)), 128), (ALL, 128), (Some((129, 133)), 128)];
+        let cases: [([usize; 3], &[Matmul], usize); 4] = [
+            ([1, 129, 128], &[(ALL, 128), (ALL, 128), (ALL, 128)], 1),
+            ([2, 133, 512], &[(ALL, 128)], 1),
+            ([3, 4, 128], &[(ALL, 512)], 1),
+            ([2, 133, 128], &layer, 3),
+        ];
+        for amx in [false, true] {
+            let name = if amx { "amx" } else { "scalar" };
+            let line = if amx && !available() {
+                format!("kernel path {name} (int8): not available on this CPU (no AMX-INT8); not run")
+            } else {
+                cases.iter().for_each(|(shape, ns, groups)| check(*shape, ns, *groups, amx));
+                format!("kernel path {name} (int8): {} int8 patterns equal to tract's plan", cases.len())
+            };
+            let _ = writeln!(std::io::stderr(), "{line}");
         }
     }
 
