@@ -776,6 +776,122 @@ fn product(
     }
 }
 
+/// Attention per head without the scores tensor: `softmax(Q . K^T) . V` for Q `[a, m, h, d]`,
+/// K `[a, n, h, d]`, V `[a, n, h, dv]`, out `[a, m, h, dv]`; [`HeadProduct`] `Scores`, the
+/// softmax [`RowOp`] and `Mix` in one op, a block of [`ATTENTION_ROWS`] query rows at a time
+/// (their scores stay in cache: at vit-base's 1569 tokens the whole scores tensor is 118 MB
+/// per layer, written and read five times). The same kernels in the same order as the three
+/// ops, so the same bits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attention {
+    kernel: Kernel,
+}
+
+/// Query rows per block of [`Attention`]: 72 rows of 1569 scores are 450 KiB.
+const ATTENTION_ROWS: usize = 72;
+
+impl Op for Attention {
+    fn name(&self) -> StaticName {
+        "AttnSoftmaxMix".into()
+    }
+
+    op_as_typed_op!();
+}
+
+thread_local! {
+    /// The packed K^T and V of one head, and a block of scores (reused between calls).
+    static ATTENTION_BUFFERS: std::cell::RefCell<[Vec<f32>; 3]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+impl EvalOp for Attention {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let out_shape = self.out_shape(&shapes[0], &shapes[1], &shapes[2])?;
+        let views = inputs.iter().map(|t| t.try_as_plain_ram()).collect::<TractResult<Vec<_>>>()?;
+        let slices = views.iter().map(|v| v.as_slice::<f32>()).collect::<TractResult<Vec<_>>>()?;
+        for (slice, shape) in slices.iter().zip(&shapes) {
+            ensure!(slice.len() == shape.iter().product::<usize>());
+        }
+        // SAFETY: `attention` writes every value of the output (each row, each head's
+        // columns) before the tensor is read.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let y = view.as_slice_mut::<f32>()?;
+            attention(self.kernel, [slices[0], slices[1], slices[2]], &shapes[0], shapes[1][1], shapes[2][3], y);
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for Attention {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 3 && inputs.iter().all(|f| f.datum_type == f32::datum_type() && f.rank() == 4));
+        let [q, k, v] = [0, 1, 2].map(|ix| inputs[ix].shape.iter().cloned().collect::<TVec<TDim>>());
+        Ok(tvec!(f32::fact(self.out_shape(&q, &k, &v)?)))
+    }
+}
+
+impl Attention {
+    fn out_shape<D: DimLike>(&self, q: &[D], k: &[D], v: &[D]) -> TractResult<TVec<D>> {
+        ensure!(q.len() == 4 && k.len() == 4 && v.len() == 4, "AttnSoftmaxMix: {q:?} {k:?} {v:?}");
+        ensure!(q[0] == k[0] && q[2] == k[2] && q[3] == k[3], "AttnSoftmaxMix: Q {q:?} K {k:?}");
+        ensure!(v[0] == k[0] && v[1] == k[1] && v[2] == k[2], "AttnSoftmaxMix: K {k:?} V {v:?}");
+        Ok(tvec!(q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()))
+    }
+}
+
+/// See [`Attention`]; `n` rows of K and V, V's head size `dv`. The output rows (tokens) are
+/// split over the model's threads, as in [`mix`].
+fn attention(kernel: Kernel, [q, k, v]: [&[f32]; 3], q_shape: &[usize], n: usize, dv: usize, o: &mut [f32]) {
+    let [batch, m, heads, d] = [q_shape[0], q_shape[1], q_shape[2], q_shape[3]];
+    let (q_row, v_row) = (heads * d, heads * dv);
+    if v_row == 0 || m == 0 {
+        return;
+    }
+    let softmax = RowOp { kind: Kind::Softmax, kernel };
+    split_rows(o, v_row, batch * heads * m * n * (d + dv), |first, o| {
+        ATTENTION_BUFFERS.with_borrow_mut(|[k_panels, v_panels, s]| {
+            k_panels.clear();
+            k_panels.resize(n.div_ceil(PANEL) * d * PANEL, 0.0);
+            v_panels.clear();
+            v_panels.resize(dv.div_ceil(PANEL) * n * PANEL, 0.0);
+            s.resize(ATTENTION_ROWS * n, 0.0);
+            let (start, end) = (first, first + o.len() / v_row);
+            for a in start / m..end.div_ceil(m) {
+                let (i0, i1) = (start.max(a * m) - a * m, end.min((a + 1) * m) - a * m);
+                for h in 0..heads {
+                    for j in 0..n {
+                        let (p, c) = (j / PANEL, j % PANEL);
+                        for kk in 0..d {
+                            k_panels[(p * d + kk) * PANEL + c] = k[(a * n + j) * q_row + h * d + kk];
+                        }
+                        for c in 0..dv {
+                            v_panels[((c / PANEL) * n + j) * PANEL + c % PANEL] = v[(a * n + j) * v_row + h * dv + c];
+                        }
+                    }
+                    for r0 in (i0..i1).step_by(ATTENTION_ROWS) {
+                        let rows = (i1 - r0).min(ATTENTION_ROWS);
+                        let s = &mut s[..rows * n];
+                        let qh = &q[(a * m + r0) * q_row + h * d..];
+                        product(kernel, qh, q_row, rows, d, k_panels, s, n, n);
+                        if n > 0 {
+                            softmax.run_rows(s, n);
+                        }
+                        let oh = &mut o[(a * m + r0 - start) * v_row + h * dv..];
+                        product(kernel, s, n, rows, n, v_panels, oh, v_row, dv);
+                    }
+                }
+            }
+        })
+    })
+}
+
 fn match_head_product(model: &TypedModel, node: &TypedNode) -> Option<Heads> {
     let op = node.op_as::<EinSum>()?;
     let kind = match format!("{op:?}").as_str() {
@@ -1097,6 +1213,7 @@ pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     if found.is_empty() {
         fuse_linear(model, kernel)?;
         fuse_head_products(model, kernel)?;
+        fuse_attention(model, kernel)?;
         return Ok(fused_ops(model));
     }
     let mut patch = TypedModelPatch::default();
@@ -1115,6 +1232,7 @@ pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     model.compact()?;
     fuse_linear(model, kernel)?;
     fuse_head_products(model, kernel)?;
+    fuse_attention(model, kernel)?;
     Ok(fused_ops(model))
 }
 
@@ -1142,10 +1260,52 @@ fn fuse_head_products(model: &mut TypedModel, kernel: Kernel) -> TractResult<usi
     Ok(count)
 }
 
+/// Replaces each `AttnScores -> SoftmaxRows -> AttnMix` chain (the scores used by nothing
+/// else) by one [`Attention`].
+fn fuse_attention(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
+    let mut found = vec![];
+    for id in model.eval_order()? {
+        let scores = model.node(id);
+        if scores.op_as::<HeadProduct>().is_none_or(|op| op.heads != Heads::Scores) {
+            continue;
+        }
+        let [softmax] = successors(scores)[..] else { continue };
+        let softmax = model.node(softmax);
+        if softmax.op_as::<RowOp>().is_none_or(|op| op.kind != Kind::Softmax) || !only_successor(model, scores, softmax)
+        {
+            continue;
+        }
+        let [mix] = successors(softmax)[..] else { continue };
+        let mix = model.node(mix);
+        let is_mix = mix.op_as::<HeadProduct>().is_some_and(|op| op.heads == Heads::Mix);
+        if !is_mix || !only_successor(model, softmax, mix) || mix.inputs[0] != OutletId::new(softmax.id, 0) {
+            continue;
+        }
+        found.push((scores.inputs[0], scores.inputs[1], mix.inputs[1], mix.id));
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let count = found.len();
+    let mut patch = TypedModelPatch::default();
+    for (q, k, v, mix) in found {
+        let inputs = [q, k, v].iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<TVec<_>>>()?;
+        let name = format!("{}.f32attention", model.node(mix).name);
+        let new = patch.wire_node(name, Attention { kernel }, &inputs)?[0];
+        patch.shunt_outside(model, OutletId::new(mix, 0), new)?;
+    }
+    patch.apply(model)?;
+    model.compact()?;
+    Ok(count)
+}
+
 /// How many of this module's ops the model holds.
 fn fused_ops(model: &TypedModel) -> usize {
     let ours = |n: &&TypedNode| {
-        n.op_as::<RowOp>().is_some() || n.op_as::<Linear>().is_some() || n.op_as::<HeadProduct>().is_some()
+        n.op_as::<RowOp>().is_some()
+            || n.op_as::<Linear>().is_some()
+            || n.op_as::<HeadProduct>().is_some()
+            || n.op_as::<Attention>().is_some()
     };
     model.nodes.iter().filter(ours).count()
 }
@@ -1276,6 +1436,23 @@ mod tests {
         model
     }
 
+    /// Attention with tract's own `Softmax` between the two products (vit-base's form).
+    fn attention_softmax_model(a: usize, m: usize, h: usize, d: usize) -> TypedModel {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([a, m, 3 * h, d])).unwrap();
+        let q = model.wire_node("q", Slice::new(2, 0, h), &[x]).unwrap()[0];
+        let k = model.wire_node("k", Slice::new(2, h, 2 * h), &[x]).unwrap()[0];
+        let v = model.wire_node("v", Slice::new(2, 2 * h, 3 * h), &[x]).unwrap()[0];
+        let qk = EinSum::new("ambk,anbk->abmn".parse().unwrap(), f32::datum_type());
+        let s = model.wire_node("scores", qk, &[q, k]).unwrap()[0];
+        let op = Softmax { axes: tvec!(3), quant_output_dt: None, kind: SoftmaxKind::Softmax };
+        let s = model.wire_node("softmax", op, &[s]).unwrap()[0];
+        let pv = EinSum::new("abmk,akbn->ambn".parse().unwrap(), f32::datum_type());
+        let o = model.wire_node("mix", pv, &[s, v]).unwrap();
+        model.select_output_outlets(&o).unwrap();
+        model
+    }
+
     /// tract's own `Softmax` over the last axis of `[a, h, m, n]`.
     fn tract_softmax_model(shape: [usize; 4]) -> TypedModel {
         let mut model = TypedModel::default();
@@ -1362,6 +1539,9 @@ mod tests {
             ("attention 2x7 tokens, 2x48", attention_model(2, 7, 2, 48), 2, 1.0, 1e-5),
             ("attention 40 tokens, 3x16", attention_model(1, 40, 3, 16), 2, 1.0, 1e-5),
             ("attention 2x300 tokens, 2x40", attention_model(2, 300, 2, 40), 2, 1.0, 1e-5),
+            // Scores, softmax and mix as one op; blocks of 72 query rows.
+            ("attention+softmax 129 tokens, 4x32", attention_softmax_model(1, 129, 4, 32), 1, 3.0, 1e-5),
+            ("attention+softmax 2x150 tokens, 3x40", attention_softmax_model(2, 150, 3, 40), 1, 3.0, 1e-5),
         ]
     }
 
