@@ -235,6 +235,8 @@ mod avx512 {
         let whole = n / 16 * 16;
         let tail = ((1u32 << (n - whole)) - 1) as __mmask16;
         let p = row.as_mut_ptr();
+        // SAFETY: loads and stores at `p + i` with `i + 16 <= whole <= n`, or at `p + whole`
+        // masked to the `n - whole` lanes left: all inside `row`.
         unsafe {
             let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
             for i in (0..whole).step_by(16) {
@@ -282,6 +284,7 @@ mod avx512 {
     pub fn gelu(data: &mut [f32]) {
         let whole = data.len() / 16 * 16;
         let p = data.as_mut_ptr();
+        // SAFETY: 16 floats at `p + i` with `i + 16 <= whole <= data.len()`.
         unsafe {
             for i in (0..whole).step_by(16) {
                 _mm512_storeu_ps(p.add(i), gelu16(_mm512_loadu_ps(p.add(i))));
@@ -297,6 +300,8 @@ mod avx512 {
             return scalar::layer_norm(row, gamma, beta, eps);
         }
         let p = row.as_mut_ptr();
+        // SAFETY: `row`, `gamma` and `beta` hold `n` floats, a multiple of 16 (checked above);
+        // every access is 16 floats at `i` with `i + 16 <= n`.
         unsafe {
             let mut vsum = _mm512_setzero_ps();
             for i in (0..n).step_by(16) {
@@ -326,6 +331,11 @@ mod avx512 {
     /// `MR_` rows of `y = x . W + bias` for one panel of up to 32 columns (`cols`): `x` at
     /// row stride `xs`, `y` at row stride `ys`, the panel `w` of `k` x 32 (columns past `cols`
     /// are computed but not stored); `bias` null for none.
+    ///
+    /// # Safety
+    /// AVX-512F present; `x` readable for `MR_` rows of `k` values at stride `xs`, `w` for `k`
+    /// rows of 32 floats, `bias` (unless null) for 32 floats, `y` writable for `MR_` rows of
+    /// `cols` <= 32 values at stride `ys`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
@@ -340,6 +350,8 @@ mod avx512 {
         ys: usize,
         cols: usize,
     ) {
+        // SAFETY: the contract above covers every offset: rows `r < MR_`, `kk < k`, the
+        // panel's 32 columns, and stores masked to `cols` columns.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; MR_];
             for kk in 0..k {
@@ -383,6 +395,9 @@ mod avx512 {
     }
 
     /// `rows` rows of one panel: [`kernel`] over blocks of [`MR`] rows.
+    ///
+    /// # Safety
+    /// As [`kernel`], for `rows` rows.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn panel(
@@ -399,8 +414,10 @@ mod avx512 {
     ) {
         let mut r = 0;
         while r < rows {
+            // SAFETY: row `r < rows` of x and y, inside the caller's `rows` rows.
             let (xr, yr) = unsafe { (x.add(r * xs), y.add(r * ys)) };
             let block = (rows - r).min(MR);
+            // SAFETY: `block` rows from row `r`, `r + block <= rows`: the caller's contract.
             unsafe {
                 match block {
                     12 => kernel::<12>(xr, xs, k, w, bias, gelu, yr, ys, cols),
@@ -422,6 +439,9 @@ mod avx512 {
     }
 
     /// `y[rows][n] = x[rows][k] . W + bias` (tanh-GELU after with `gelu`).
+    ///
+    /// # Safety
+    /// AVX-512F present (the lengths are checked here).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn linear(x: &[f32], rows: usize, w: &Panels, bias: &[f32], gelu: bool, y: &mut [f32]) {
         let (k, n) = (w.k, w.n);
@@ -430,6 +450,8 @@ mod avx512 {
             let wp = w.packed[p * k * PANEL..].as_ptr();
             let b = bias[p * PANEL..].as_ptr();
             let yp = y[p * PANEL..].as_mut_ptr();
+            // SAFETY: the assert above: `rows` rows of k (x) and of n (y), panel `p` of k x 32
+            // weights, 32 bias values and 32 columns of y from `p * 32`, all in bounds.
             unsafe { panel(x.as_ptr(), k, rows, k, wp, b, gelu, yp, n, PANEL) };
         }
     }
@@ -508,6 +530,7 @@ impl EvalOp for Linear {
         ensure!(x.len().is_multiple_of(k), "LinearF32: input shape {shape:?}, K = {k}");
         let rows = x.len() / k;
         let out_shape = self.out_shape(&shape);
+        // SAFETY: `run` writes all `rows * n` values before the tensor is read.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         {
             let mut view = out.try_as_plain_ram_mut()?;
@@ -1261,36 +1284,81 @@ fn fuse_head_products(model: &mut TypedModel, kernel: Kernel) -> TractResult<usi
 }
 
 /// Replaces each `AttnScores -> SoftmaxRows -> AttnMix` chain (the scores used by nothing
-/// else) by one [`Attention`].
+/// else) by one [`Attention`]; where tract split the scores over query rows (`Slice`s on the
+/// row axis, each to its own softmax and mix: the fusion layers), one [`Attention`] per
+/// slice, on the same rows of Q.
 fn fuse_attention(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
-    let mut found = vec![];
+    // (Q, K, V, the mix replaced, the query rows of a split)
+    let mut found: Vec<(OutletId, OutletId, OutletId, usize, Option<Slice>)> = vec![];
     for id in model.eval_order()? {
         let scores = model.node(id);
         if scores.op_as::<HeadProduct>().is_none_or(|op| op.heads != Heads::Scores) {
             continue;
         }
-        let [softmax] = successors(scores)[..] else { continue };
-        let softmax = model.node(softmax);
-        if softmax.op_as::<RowOp>().is_none_or(|op| op.kind != Kind::Softmax) || !only_successor(model, scores, softmax)
-        {
+        let next = successors(scores);
+        if next.contains(&usize::MAX) || model.output_outlets()?.iter().any(|o| o.node == id) {
             continue;
         }
-        let [mix] = successors(softmax)[..] else { continue };
-        let mix = model.node(mix);
-        let is_mix = mix.op_as::<HeadProduct>().is_some_and(|op| op.heads == Heads::Mix);
-        if !is_mix || !only_successor(model, softmax, mix) || mix.inputs[0] != OutletId::new(softmax.id, 0) {
-            continue;
+        // The mix reading `from` (the softmax, or one row slice of it) and nothing else.
+        let mix_after = |from: &TypedNode| -> Option<usize> {
+            let [mix] = successors(from)[..] else { return None };
+            let mix = model.node(mix);
+            let is_mix = mix.op_as::<HeadProduct>().is_some_and(|op| op.heads == Heads::Mix);
+            (is_mix && only_successor(model, from, mix) && mix.inputs[0] == OutletId::new(from.id, 0)).then_some(mix.id)
+        };
+        let softmax_of = |from: &TypedNode| -> Option<&TypedNode> {
+            let [softmax] = successors(from)[..] else { return None };
+            let softmax = model.node(softmax);
+            let is_softmax = softmax.op_as::<RowOp>().is_some_and(|op| op.kind == Kind::Softmax);
+            (is_softmax && only_successor(model, from, softmax)).then_some(softmax)
+        };
+        let row_slice = |node: usize| model.node(node).op_as::<Slice>().filter(|s| s.axis == 2).cloned();
+        // Each mix with the query rows it covers (None: all), if every path from the scores
+        // is scores -> [row slice] -> softmax -> [row slice] -> mix with one slice at most.
+        let mut here = vec![];
+        let mut ok = true;
+        if let Some(softmax) = softmax_of(scores) {
+            if let Some(mix) = mix_after(softmax) {
+                here.push((mix, None));
+            } else {
+                for succ in successors(softmax) {
+                    match (succ != usize::MAX).then(|| row_slice(succ)).flatten() {
+                        Some(slice) => match mix_after(model.node(succ)) {
+                            Some(mix) => here.push((mix, Some(slice))),
+                            None => ok = false,
+                        },
+                        None => ok = false,
+                    }
+                }
+            }
+        } else {
+            for succ in &next {
+                let slice = row_slice(*succ);
+                match (slice, softmax_of(model.node(*succ)).and_then(mix_after)) {
+                    (Some(slice), Some(mix)) => here.push((mix, Some(slice))),
+                    _ => ok = false,
+                }
+            }
         }
-        found.push((scores.inputs[0], scores.inputs[1], mix.inputs[1], mix.id));
+        if ok {
+            for (mix, slice) in here {
+                found.push((scores.inputs[0], scores.inputs[1], model.node(mix).inputs[1], mix, slice));
+            }
+        }
     }
     if found.is_empty() {
         return Ok(0);
     }
     let count = found.len();
     let mut patch = TypedModelPatch::default();
-    for (q, k, v, mix) in found {
-        let inputs = [q, k, v].iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<TVec<_>>>()?;
+    for (ix, (q, k, v, mix, slice)) in found.into_iter().enumerate() {
         let name = format!("{}.f32attention", model.node(mix).name);
+        let mut inputs = [q, k, v].iter().map(|i| patch.tap_model(model, *i)).collect::<TractResult<TVec<_>>>()?;
+        if let Some(slice) = slice {
+            // The scores' query rows (axis 2 of [a, h, m, n]) are Q's axis 1 ([a, m, h, d]).
+            let rows = Slice::new(1, slice.start, slice.end);
+            inputs[0] = patch.wire_node(format!("{name}.q{ix}"), rows, &[inputs[0]])?[0];
+        }
         let new = patch.wire_node(name, Attention { kernel }, &inputs)?[0];
         patch.shunt_outside(model, OutletId::new(mix, 0), new)?;
     }
@@ -1453,6 +1521,34 @@ mod tests {
         model
     }
 
+    /// [`attention_softmax_model`] with the scores split over query rows at `split` as tract
+    /// does in the fusion layers: a slice, softmax and mix per range, the outputs apart (with
+    /// `softmax_first`, one softmax and the slices after it, as tract splits vit-base's).
+    fn attention_split_model(m: usize, h: usize, d: usize, split: usize, softmax_first: bool) -> TypedModel {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, m, 3 * h, d])).unwrap();
+        let q = model.wire_node("q", Slice::new(2, 0, h), &[x]).unwrap()[0];
+        let k = model.wire_node("k", Slice::new(2, h, 2 * h), &[x]).unwrap()[0];
+        let v = model.wire_node("v", Slice::new(2, 2 * h, 3 * h), &[x]).unwrap()[0];
+        let qk = EinSum::new("ambk,anbk->abmn".parse().unwrap(), f32::datum_type());
+        let s = model.wire_node("scores", qk, &[q, k]).unwrap()[0];
+        let mut outputs = vec![];
+        let op = Softmax { axes: tvec!(3), quant_output_dt: None, kind: SoftmaxKind::Softmax };
+        let whole = model.wire_node("softmax", op.clone(), &[s]).unwrap()[0];
+        for (ix, (start, end)) in [(0, split), (split, m)].into_iter().enumerate() {
+            let p = if softmax_first {
+                model.wire_node(format!("rows{ix}"), Slice::new(2, start, end), &[whole]).unwrap()[0]
+            } else {
+                let part = model.wire_node(format!("rows{ix}"), Slice::new(2, start, end), &[s]).unwrap()[0];
+                model.wire_node(format!("softmax{ix}"), op.clone(), &[part]).unwrap()[0]
+            };
+            let pv = EinSum::new("abmk,akbn->ambn".parse().unwrap(), f32::datum_type());
+            outputs.push(model.wire_node(format!("mix{ix}"), pv, &[p, v]).unwrap()[0]);
+        }
+        model.select_output_outlets(&outputs).unwrap();
+        model
+    }
+
     /// tract's own `Softmax` over the last axis of `[a, h, m, n]`.
     fn tract_softmax_model(shape: [usize; 4]) -> TypedModel {
         let mut model = TypedModel::default();
@@ -1542,6 +1638,8 @@ mod tests {
             // Scores, softmax and mix as one op; blocks of 72 query rows.
             ("attention+softmax 129 tokens, 4x32", attention_softmax_model(1, 129, 4, 32), 1, 3.0, 1e-5),
             ("attention+softmax 2x150 tokens, 3x40", attention_softmax_model(2, 150, 3, 40), 1, 3.0, 1e-5),
+            ("attention split at 129 of 133", attention_split_model(133, 4, 32, 129, false), 2, 3.0, 1e-5),
+            ("attention split after softmax", attention_split_model(133, 4, 32, 129, true), 2, 3.0, 1e-5),
         ]
     }
 

@@ -298,3 +298,61 @@ pub fn probabilities(logits: &[f32], multi_label: bool) -> Vec<f32> {
     let sum: f32 = exps.iter().sum();
     exps.iter().map(|x| x / sum).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::npy::read_npy;
+    use std::path::{Path, PathBuf};
+
+    /// The fixture of `model` (`NAME.parity/`, PyTorch's outputs written at export) through
+    /// the runtime on `selection` with `threads`: the largest |logit difference|.
+    fn parity(model: &Path, selection: Selection, threads: usize) -> f32 {
+        let fixture = model.with_extension("parity");
+        let info = ModelInfo::read(model).unwrap_or_else(|err| panic!("{err}"));
+        let mut runtime = ModelRuntime::load_with(&info, RuntimeChoice::Cpu, threads, selection)
+            .unwrap_or_else(|err| panic!("{err}"));
+        let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
+        let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
+        let batch = video_shape[0];
+        let logits = runtime.run(batch, &video, &audio).expect("the model runs");
+        let mut worst = 0f32;
+        for (name, pick) in [("logits", 0), ("logits_audio", 1), ("logits_video", 2)] {
+            let (_, expected) = read_npy(&fixture.join(format!("{name}.npy"))).expect(name);
+            let got: Vec<f32> = logits
+                .iter()
+                .flat_map(|row| match pick {
+                    0 => row.fused.clone(),
+                    1 => row.audio.clone().expect("audio logits"),
+                    _ => row.video.clone().expect("video logits"),
+                })
+                .collect();
+            assert_eq!(got.len(), expected.len(), "{name}");
+            worst = got.iter().zip(&expected).fold(worst, |w, (g, e)| w.max((g - e).abs()));
+        }
+        worst
+    }
+
+    /// Every kernel path this CPU has, and tract's own, on 1 and 2 threads against the
+    /// shipped demo model's fixture (tests/model.rs checks the default path); with
+    /// `MBT_EDGE_PARITY_MODEL=PATH` (e.g. the vit-base export, too big to commit) that model
+    /// instead: `cargo test --release --lib parity_of_every_kernel_path -- --ignored`.
+    #[test]
+    #[ignore = "seconds per path at the demo's size, minutes at vit-base's: run by hand"]
+    fn parity_of_every_kernel_path() {
+        use std::io::Write as _;
+        let model = std::env::var_os("MBT_EDGE_PARITY_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/avsynth-edge.onnx"));
+        let paths = Kernel::ALL.into_iter().filter(|k| k.supported()).map(Selection::Fused);
+        for selection in std::iter::once(Selection::Tract).chain(paths) {
+            for threads in [1, 2] {
+                let worst = parity(&model, selection, threads);
+                let line =
+                    format!("{}: {selection:?}, {threads} thread(s): max |logit - fixture| {worst:e}", model.display());
+                let _ = writeln!(std::io::stderr(), "{line}");
+                assert!(worst < 1e-4, "{line}");
+            }
+        }
+    }
+}
