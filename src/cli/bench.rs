@@ -22,6 +22,8 @@ struct Report {
     logical_cpus: usize,
     threads: usize,
     runtime: String,
+    /// The fused ops' kernel path (`MBT_EDGE_KERNEL`), or `tract`.
+    kernel: String,
     hop_seconds: f64,
     preprocess: Timing,
     models: Vec<ModelReport>,
@@ -131,6 +133,7 @@ pub fn bench(config: &Path, json: bool, runs: usize, batches: &[usize], also: &[
         logical_cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         threads: settings.model.threads,
         runtime: runtimes[0].backend_name(),
+        kernel: runtimes[0].kernel_name().to_string(),
         hop_seconds: hop.as_secs_f64(),
         preprocess: Timing::of(preprocess),
         models: reports,
@@ -145,8 +148,8 @@ pub fn bench(config: &Path, json: bool, runs: usize, batches: &[usize], also: &[
 
 fn print_table(report: &Report) {
     println!(
-        "cpu: {} ({} logical), runtime {}, {} thread(s)",
-        report.cpu, report.logical_cpus, report.runtime, report.threads
+        "cpu: {} ({} logical), runtime {}, kernel {}, {} thread(s)",
+        report.cpu, report.logical_cpus, report.runtime, report.kernel, report.threads
     );
     println!(
         "preprocess per hop ({:.2} s hop, streaming log-mel + video tensor): median {:.3} ms, p90 {:.3} ms",

@@ -137,6 +137,8 @@ impl EvalOp for Int8Linear {
             .map(|&n| {
                 let mut out_shape = shape.to_vec();
                 *out_shape.last_mut().unwrap() = n;
+                // SAFETY: both paths below write every value of each output (all rows, all
+                // columns) before it is read; with no rows there is nothing to read.
                 unsafe { Tensor::uninitialized::<f32>(&out_shape) }
             })
             .collect::<TractResult<_>>()?;
@@ -147,6 +149,9 @@ impl EvalOp for Int8Linear {
             if rows > 0 {
                 #[cfg(target_arch = "x86_64")]
                 if self.amx && available() {
+                    // SAFETY: `available` confirmed AMX-INT8 (and AVX-512F with it) and the
+                    // OS's grant of the tile state; the matcher only built this op with k a
+                    // non-zero multiple of 64 and each N a multiple of 32 (`amx`).
                     unsafe { self.run_amx(x, rows, &mut slices) };
                     return Ok(outputs.into_iter().map(|t| t.into_tvalue()).collect());
                 }
@@ -215,6 +220,10 @@ impl Int8Linear {
         }
     }
 
+    /// # Safety
+    /// AMX-INT8 with the tile state granted, AVX-512F; `self` built by the matcher with
+    /// `amx` (k a non-zero multiple of 64, each output's N a multiple of 32); `x` of `rows * k`
+    /// values, each output of `rows * n`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn run_amx(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
@@ -224,10 +233,12 @@ impl Int8Linear {
         QUANTISED.with_borrow_mut(|a| {
             a.clear();
             a.resize(padded_rows * k, 0);
+            // SAFETY: AVX-512F per this function's contract.
             unsafe { self.quantize_avx512(&x[..rows * k], &mut a[..rows * k]) };
             let config = TileConfig::new();
             let mut block = Block([0; N_BLOCK * N_BLOCK]);
             let k_blocks = k / K_BLOCK;
+            // SAFETY: AMX per this function's contract; `config` is a valid palette-1 config.
             unsafe {
                 std::arch::asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
             }
@@ -240,16 +251,23 @@ impl Int8Linear {
                     for row0 in (0..padded_rows).step_by(N_BLOCK) {
                         let a0 = a[row0 * k..].as_ptr();
                         let a1 = a[(row0 + 16) * k..].as_ptr();
+                        // SAFETY: tiles configured above; `a` holds `padded_rows` (a multiple
+                        // of 32) rows of k bytes, so rows row0..row0 + 32 exist; the weights
+                        // hold `k_blocks` (>= 1, the matcher) tiles for each 16-column group
+                        // and `col + 32 <= n_total`; `block` holds 32 x 32 i32.
                         unsafe { tile_block(a0, a1, k, b0, b1, k_blocks, block.0.as_mut_ptr()) };
                         let zp = &w.zp_colsum[col..col + N_BLOCK];
                         let scale = &w.scale[col..col + N_BLOCK];
                         let bias = &w.bias[col..col + N_BLOCK];
                         let out = &mut outputs[o][row0 * n + local..];
+                        // SAFETY: AVX-512F per this function's contract; `epilogue` checks
+                        // the slices' lengths.
                         unsafe { epilogue(&block, N_BLOCK.min(rows - row0), zp, scale, bias, out, n) };
                     }
                 }
                 col0 += n;
             }
+            // SAFETY: AMX per this function's contract; releases the tiles configured above.
             unsafe {
                 std::arch::asm!("tilerelease", options(nostack, nomem));
             }
@@ -259,6 +277,9 @@ impl Int8Linear {
 
 impl Int8Linear {
     /// [`Int8Linear::quantize`] over `x` into `q`, 16 lanes at a time.
+    ///
+    /// # Safety
+    /// AVX-512F present; `q` at least as long as `x`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn quantize_avx512(&self, x: &[f32], q: &mut [u8]) {
@@ -271,6 +292,7 @@ impl Int8Linear {
         );
         let whole = x.len() / 16 * 16;
         for (x, q) in x[..whole].chunks_exact(16).zip(q[..whole].chunks_exact_mut(16)) {
+            // SAFETY: `x` and `q` chunks of exactly 16 values: 64 bytes read, 16 written.
             unsafe {
                 let v = _mm512_loadu_ps(x.as_ptr());
                 // max(v, lo) and min(v, hi) with the variable first: a NaN gives the bound,
@@ -288,12 +310,18 @@ impl Int8Linear {
 
 /// The first `rows` rows of a 32x32 i32 block to f32 into `out` (row stride `n`):
 /// `(acc - zp) * scale + bias`, the product and the sum rounded separately as tract does.
+///
+/// # Safety
+/// AVX-512F present (the lengths are checked here).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn epilogue(block: &Block, rows: usize, zp: &[i32], scale: &[f32], bias: &[f32], out: &mut [f32], n: usize) {
     use std::arch::x86_64::*;
     assert!(zp.len() >= N_BLOCK && scale.len() >= N_BLOCK && bias.len() >= N_BLOCK);
     assert!(rows == 0 || out.len() >= (rows - 1) * n + N_BLOCK);
+    // SAFETY: the asserts above: 32 values of zp, scale and bias, `rows <= 32` rows of the
+    // block, and `rows` rows of 32 values of `out` at stride n; `block` is 64-byte aligned
+    // (aligned loads at multiples of 16 i32).
     unsafe {
         for half in 0..2 {
             let zp = _mm512_loadu_si512(zp[half * 16..].as_ptr() as *const _);
@@ -348,6 +376,11 @@ impl TileConfig {
 /// One 32x32 i32 block of `A . B` into `c` (row stride 32): `a0`, `a1` the two 16-row halves
 /// of A (u8, row stride `stride_a` bytes), `b0`, `b1` the packed tiles of two 16-column groups
 /// of B (s8), `k_blocks` tiles of 64 k each. Tiles must be configured (`ldtilecfg`).
+///
+/// # Safety
+/// AMX-INT8, tiles configured as [`TileConfig::new`]; `k_blocks >= 1` (the loop runs once
+/// before it tests the count); `a0` and `a1` readable for 16 rows of `64 * k_blocks` bytes at
+/// stride `stride_a`, `b0` and `b1` for `k_blocks` KiB, `c` writable for 32 x 32 i32.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn tile_block(
@@ -359,6 +392,7 @@ unsafe fn tile_block(
     k_blocks: usize,
     c: *mut i32,
 ) {
+    // SAFETY: the contract above covers every tile load and store.
     unsafe {
         std::arch::asm!(
             "tilezero tmm0",
@@ -529,7 +563,7 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(O
         return None;
     }
     let k = x_fact.shape[2].to_usize().ok()?;
-    if amx && k % K_BLOCK != 0 {
+    if amx && !amx_takes_k(k) {
         return None;
     }
     let mut sets: Vec<(Option<Slice>, Vec<Chain>)> = vec![(None, vec![])];
@@ -578,6 +612,13 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(O
         groups.push(Group { slice, op, replaced });
     }
     (!groups.is_empty()).then_some((x, groups))
+}
+
+/// Whether the AMX path can run an inner dimension of `k`: whole tiles of 64, and at least
+/// one, since `tile_block` runs its loop once before testing the count (`dec; jnz`): with
+/// k = 0 it would never end.
+fn amx_takes_k(k: usize) -> bool {
+    k > 0 && k.is_multiple_of(K_BLOCK)
 }
 
 /// Replaces each quantised weight-matmul group of a decluttered model by one [`Int8Linear`];
@@ -706,6 +747,9 @@ mod tests {
 
     const ALL: Option<(usize, usize)> = None;
 
+    /// One matmul of [`chain`]: the rows of the quantised input it reads (all: `ALL`), its N.
+    type Matmul = (Option<(usize, usize)>, usize);
+
     #[test]
     fn qkv_group_matches_tract() {
         let qkv = [(ALL, 128), (ALL, 128), (ALL, 128)];
@@ -734,6 +778,41 @@ mod tests {
         check([1, 133, 128], &layer, 3, false);
         if available() {
             check([2, 133, 128], &layer, 3, true);
+        }
+    }
+
+    /// Regression (#20): the matcher took k = 0 for AMX (0 is a multiple of 64), and
+    /// `tile_block`'s loop, which runs once before testing its count, never ended. (A graph
+    /// with k = 0 cannot be built to show it: tract folds the empty product to a constant
+    /// while wiring, so the predicate the matcher uses is checked itself.)
+    #[test]
+    fn empty_k_is_not_taken_for_amx() {
+        assert!(!amx_takes_k(0));
+        assert!(!amx_takes_k(100));
+        assert!(amx_takes_k(64) && amx_takes_k(768));
+    }
+
+    /// The two int8 paths against tract's plan (amx where the CPU has it, else reported as
+    /// not available, past the harness's capture like f32fuse's path tests).
+    #[test]
+    fn kernel_paths_int8_match_tract() {
+        use std::io::Write as _;
+        let layer = [(ALL, 128), (Some((0, 129)), 128), (ALL, 128), (Some((129, 133)), 128)];
+        let cases: [([usize; 3], &[Matmul], usize); 4] = [
+            ([1, 129, 128], &[(ALL, 128), (ALL, 128), (ALL, 128)], 1),
+            ([2, 133, 512], &[(ALL, 128)], 1),
+            ([3, 4, 128], &[(ALL, 512)], 1),
+            ([2, 133, 128], &layer, 3),
+        ];
+        for amx in [false, true] {
+            let name = if amx { "amx" } else { "scalar" };
+            let line = if amx && !available() {
+                format!("kernel path {name} (int8): not available on this CPU (no AMX-INT8); not run")
+            } else {
+                cases.iter().for_each(|(shape, ns, groups)| check(*shape, ns, *groups, amx));
+                format!("kernel path {name} (int8): {} int8 patterns equal to tract's plan", cases.len())
+            };
+            let _ = writeln!(std::io::stderr(), "{line}");
         }
     }
 

@@ -1,14 +1,20 @@
-//! The model: ONNX file, its metadata and (later) the tract runtime. Only this module knows
-//! tract.
+//! The model: ONNX file, its metadata and the tract runtime, with our fused ops (f32 rows,
+//! matmuls and attention products; int8 matmuls on AMX). Only this module knows tract.
+//!
+//! The fused ops run on the best kernel path this CPU has (scalar, AVX2 + FMA, AVX-512, AMX:
+//! `kernel.rs`); `MBT_EDGE_KERNEL=scalar|avx2|avx512|amx` forces one (refused with an error
+//! when the CPU lacks it) and `MBT_EDGE_KERNEL=tract` leaves the graph to tract's own kernels.
 
 mod f32fuse;
 mod gpu_graph;
 mod int8;
+mod kernel;
 mod metadata;
 mod runtime;
 
 pub use f32fuse::fuse as fuse_f32;
 pub use int8::fuse as fuse_int8;
+pub use kernel::{KERNEL_ENV, Kernel, KernelError, Selection};
 pub use metadata::{AudioRecipe, ModelError, ModelInfo, ModelMetadata, VideoRecipe};
 pub use runtime::{Logits, ModelRuntime, probabilities, select_backend};
 

@@ -2,12 +2,16 @@
 //! batch, and prepare one optimized plan per batch size actually used (batch 1 at load).
 //! CPU by default; with the `cuda` feature the CUDA runtime registered by tract-cuda, found
 //! through tract's runtime registry (never by calling CUDA directly: without a driver that
-//! would panic).
+//! would panic). On the CPU the fused ops of `f32fuse.rs` and `int8.rs` replace tract's chains
+//! on the kernel path `MBT_EDGE_KERNEL` selects (`kernel.rs`). Each model owns one thread pool
+//! of `[model] threads` (tract's rayon `Executor`), made at load and kept for the model's
+//! life: every plan runs inside it, so tract's matrix products and the fused ops share its
+//! threads and no call spawns one.
 
 use std::collections::HashMap;
-use std::sync::Once;
 
 use anyhow::{Context as _, bail, ensure};
+use tract_linalg::multithread::{Executor, multithread_tract_scope};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::{Runnable, Runtime as TractRuntime, runtime_for_name};
 
@@ -15,6 +19,7 @@ use tract_onnx::tract_core::runtime::{Runnable, Runtime as TractRuntime, runtime
 #[cfg(feature = "gpu")]
 use tract_cuda as _;
 
+use super::kernel::{Kernel, Selection};
 use super::{ModelError, ModelInfo};
 use crate::config::Runtime as RuntimeChoice;
 
@@ -40,15 +45,17 @@ pub struct ModelRuntime {
     video_shape: Vec<usize>,
     audio_shape: Vec<usize>,
     classes: usize,
+    /// The model's threads (tract's executor; single-threaded for `threads = 1`).
+    executor: Executor,
+    selection: Selection,
 }
-
-static THREADS: Once = Once::new();
 
 impl std::fmt::Debug for ModelRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelRuntime")
             .field("backend", &self.backend.name())
             .field("batches", &self.plans.keys())
+            .field("kernel", &self.selection)
             .finish()
     }
 }
@@ -82,17 +89,30 @@ pub fn select_backend(choice: RuntimeChoice) -> Result<&'static dyn TractRuntime
 }
 
 impl ModelRuntime {
-    /// Loads `info`'s model for `choice` with `threads` matrix-product threads.
+    /// Loads `info`'s model for `choice` with `threads` threads, the fused ops on the kernel
+    /// path `MBT_EDGE_KERNEL` selects (by default the best this CPU has).
     pub fn load(info: &ModelInfo, choice: RuntimeChoice, threads: usize) -> Result<ModelRuntime, ModelError> {
+        let selection = Selection::from_env()
+            .map_err(|err| ModelError::Mismatch { path: info.path.clone(), message: err.to_string() })?;
+        ModelRuntime::load_with(info, choice, threads, selection)
+    }
+
+    /// [`ModelRuntime::load`] with the kernel path given (tests, benchmarks).
+    pub fn load_with(
+        info: &ModelInfo,
+        choice: RuntimeChoice,
+        threads: usize,
+        selection: Selection,
+    ) -> Result<ModelRuntime, ModelError> {
         let mismatch = |message: String| ModelError::Mismatch { path: info.path.clone(), message };
+        if let Selection::Fused(kernel) = selection
+            && let Some(missing) = kernel.missing()
+        {
+            return Err(mismatch(format!("kernel path {kernel} needs {missing}, which this CPU lacks")));
+        }
         let backend = select_backend(choice).map_err(mismatch)?;
-        THREADS.call_once(|| {
-            if threads > 1 {
-                tract_linalg::multithread::set_default_executor(tract_linalg::multithread::Executor::multithread(
-                    threads,
-                ));
-            }
-        });
+        let executor =
+            if threads > 1 { Executor::multithread_with_name(threads, "mbt-model") } else { Executor::SingleThread };
         // A GPU backend gets the one Softmax back where rewrite.py spelled it with MaxPool,
         // which tract-cuda lacks (gpu_graph.rs); the CPU keeps the faster spelled-out form.
         let restored;
@@ -114,7 +134,8 @@ impl ModelRuntime {
             .map_err(|err| mismatch(format!("tract cannot type the graph: {err:#}")))?;
         // The int8 weight matmuls of a quantised model as one fused AMX op per input (int8.rs);
         // a graph without them (any f32 model) is left as it is.
-        if backend.name() == "cpu" && super::int8::available() {
+        let cpu = backend.name() == "cpu";
+        if cpu && selection == Selection::Fused(Kernel::Amx) {
             let mut fused = typed.clone();
             match super::int8::fuse(&mut fused, true) {
                 Ok(0) => {}
@@ -126,14 +147,13 @@ impl ModelRuntime {
             }
         }
         // Softmax, LayerNorm and GELU chains, the f32 weight matmuls with their bias and the
-        // attention products as one fused op each (f32fuse.rs, AVX-512); anything else is
-        // left as it is.
-        if backend.name() == "cpu" && super::f32fuse::available() {
+        // attention products as one fused op each (f32fuse.rs); anything else is left as it is.
+        if let (true, Selection::Fused(kernel)) = (cpu, selection) {
             let mut fused = typed.clone();
-            match super::f32fuse::fuse(&mut fused) {
+            match super::f32fuse::fuse(&mut fused, kernel) {
                 Ok(0) => {}
                 Ok(count) => {
-                    tracing::debug!(count, "f32 ops fused");
+                    tracing::debug!(count, %kernel, "f32 ops fused");
                     typed = fused;
                 }
                 Err(err) => tracing::warn!("f32 ops left to tract: {err:#}"),
@@ -169,6 +189,8 @@ impl ModelRuntime {
             audio_shape,
             classes: metadata.labels.len(),
             typed,
+            executor,
+            selection,
         };
         if runtime.outputs[0].is_none() {
             return Err(mismatch(format!("tract sees outputs {output_names:?}, none named `logits`")));
@@ -181,6 +203,14 @@ impl ModelRuntime {
     /// The tract runtime in use: `cpu` or `cuda`.
     pub fn backend_name(&self) -> String {
         self.backend.name().to_string()
+    }
+
+    /// The kernel path of the fused ops, or `tract` (none fused).
+    pub fn kernel_name(&self) -> &'static str {
+        match self.selection {
+            Selection::Fused(kernel) => kernel.name(),
+            Selection::Tract => "tract",
+        }
     }
 
     /// Floats of one window's `video` input (0 without video).
@@ -225,8 +255,16 @@ impl ModelRuntime {
         inputs.sort_by_key(|(ix, _)| *ix);
         let outputs_ix = self.outputs;
         let classes = self.classes;
+        let executor = self.executor.clone();
         let plan = self.plan(batch)?;
-        let outputs = plan.run(inputs.into_iter().map(|(_, tensor)| tensor.into_tvalue()).collect())?;
+        let inputs: TVec<TValue> = inputs.into_iter().map(|(_, tensor)| tensor.into_tvalue()).collect();
+        // On a pool thread, with the pool as tract's executor for this run: tract's products
+        // and the fused ops (kernel::split_rows) then share the model's threads.
+        let run = || multithread_tract_scope(executor.clone(), || plan.run(inputs));
+        let outputs = match &executor {
+            Executor::MultiThread(pool) => pool.install(run)?,
+            _ => run()?,
+        };
         let read = |ix: Option<usize>| -> TractResult<Option<Vec<f32>>> {
             let Some(ix) = ix else { return Ok(None) };
             let tensor = outputs.get(ix).context("missing output")?;
@@ -259,4 +297,62 @@ pub fn probabilities(logits: &[f32], multi_label: bool) -> Vec<f32> {
     let exps: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();
     let sum: f32 = exps.iter().sum();
     exps.iter().map(|x| x / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::npy::read_npy;
+    use std::path::{Path, PathBuf};
+
+    /// The fixture of `model` (`NAME.parity/`, PyTorch's outputs written at export) through
+    /// the runtime on `selection` with `threads`: the largest |logit difference|.
+    fn parity(model: &Path, selection: Selection, threads: usize) -> f32 {
+        let fixture = model.with_extension("parity");
+        let info = ModelInfo::read(model).unwrap_or_else(|err| panic!("{err}"));
+        let mut runtime = ModelRuntime::load_with(&info, RuntimeChoice::Cpu, threads, selection)
+            .unwrap_or_else(|err| panic!("{err}"));
+        let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
+        let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
+        let batch = video_shape[0];
+        let logits = runtime.run(batch, &video, &audio).expect("the model runs");
+        let mut worst = 0f32;
+        for (name, pick) in [("logits", 0), ("logits_audio", 1), ("logits_video", 2)] {
+            let (_, expected) = read_npy(&fixture.join(format!("{name}.npy"))).expect(name);
+            let got: Vec<f32> = logits
+                .iter()
+                .flat_map(|row| match pick {
+                    0 => row.fused.clone(),
+                    1 => row.audio.clone().expect("audio logits"),
+                    _ => row.video.clone().expect("video logits"),
+                })
+                .collect();
+            assert_eq!(got.len(), expected.len(), "{name}");
+            worst = got.iter().zip(&expected).fold(worst, |w, (g, e)| w.max((g - e).abs()));
+        }
+        worst
+    }
+
+    /// Every kernel path this CPU has, and tract's own, on 1 and 2 threads against the
+    /// shipped demo model's fixture (tests/model.rs checks the default path); with
+    /// `MBT_EDGE_PARITY_MODEL=PATH` (e.g. the vit-base export, too big to commit) that model
+    /// instead: `cargo test --release --lib parity_of_every_kernel_path -- --ignored`.
+    #[test]
+    #[ignore = "seconds per path at the demo's size, minutes at vit-base's: run by hand"]
+    fn parity_of_every_kernel_path() {
+        use std::io::Write as _;
+        let model = std::env::var_os("MBT_EDGE_PARITY_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/avsynth-edge.onnx"));
+        let paths = Kernel::ALL.into_iter().filter(|k| k.supported()).map(Selection::Fused);
+        for selection in std::iter::once(Selection::Tract).chain(paths) {
+            for threads in [1, 2] {
+                let worst = parity(&model, selection, threads);
+                let line =
+                    format!("{}: {selection:?}, {threads} thread(s): max |logit - fixture| {worst:e}", model.display());
+                let _ = writeln!(std::io::stderr(), "{line}");
+                assert!(worst < 1e-4, "{line}");
+            }
+        }
+    }
 }
