@@ -335,10 +335,10 @@ mod tests {
 
     /// Every kernel path this CPU has, and tract's own, on 1 and 2 threads against the
     /// shipped demo model's fixture (tests/model.rs checks the default path); with
-    /// `MBT_EDGE_PARITY_MODEL=PATH` (e.g. the vit-base export, too big to commit) that model
-    /// instead: `cargo test --release --lib parity_of_every_kernel_path -- --ignored`.
+    /// `MBT_EDGE_PARITY_MODEL=PATH` (e.g. the vit-base export, too big to commit; minutes per
+    /// path) that model instead: `cargo test --release --lib parity_of_every_kernel_path --
+    /// --nocapture`. About 5 s on the demo model, so CI runs it.
     #[test]
-    #[ignore = "seconds per path at the demo's size, minutes at vit-base's: run by hand"]
     fn parity_of_every_kernel_path() {
         use std::io::Write as _;
         let model = std::env::var_os("MBT_EDGE_PARITY_MODEL")
