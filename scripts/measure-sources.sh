@@ -74,5 +74,9 @@ print(f"windows built {sum(built.values()):.0f}, dropped {sum(drops):.0f}"
       f" ({100 * sum(drops) / max(sum(built.values()), 1):.1f} %)")
 if drops:
     print(f"drops per source: min {drops[0]:.0f}, median {drops[len(drops) // 2]:.0f}, max {drops[-1]:.0f}")
+    shares = sorted(dropped[labels] / built[labels] for labels in dropped if built.get(labels))
+    print(f"dropped share per source: min {shares[0]:.2f}, median {shares[len(shares) // 2]:.2f}, max {shares[-1]:.2f}")
+    low = sorted(dropped, key=dropped.get)[:3]
+    print("fewest drops: " + ", ".join(f"{labels} {dropped[labels]:.0f} of {built.get(labels, 0):.0f}" for labels in low))
 print(f"inference busy {100 * busy:.0f} % of the time; daemon CPU {100 * cpu:.0f} % of one core; RSS {int(rss) // 1024} MiB")
 PY

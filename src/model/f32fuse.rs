@@ -20,6 +20,10 @@
 //! - [`HeadProduct`] (`AttnScores`, `AttnMix`): attention's per-head products Q . K^T and
 //!   P . V on the same kernel, the second operand packed per head at each call, reading Q
 //!   and P in place and writing the mix straight into the `[tokens, heads, d]` layout.
+//! - [`Attention`] (`AttnSoftmaxMix`): a head's scores, softmax and mix as one op (also per
+//!   row slice where tract split the scores over query rows), a block of query rows at a
+//!   time, so the scores tensor is never written out; the same kernels in the same order as
+//!   the three ops. The softmax may be the rewrite's or tract's own `Softmax`.
 //!
 //! Each op carries the [`Kernel`] path it was fused for (`kernel.rs`: chosen at load, by
 //! default the best this CPU has, forced with `MBT_EDGE_KERNEL`): portable Rust, AVX2 + FMA

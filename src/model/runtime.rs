@@ -335,8 +335,9 @@ mod tests {
 
     /// Every kernel path this CPU has, and tract's own, on 1 and 2 threads against the
     /// shipped demo model's fixture (tests/model.rs checks the default path); with
-    /// `MBT_EDGE_PARITY_MODEL=PATH` (e.g. the vit-base export, too big to commit; minutes per
-    /// path) that model instead: `cargo test --release --lib parity_of_every_kernel_path --
+    /// `MBT_EDGE_PARITY_MODEL=PATH` (e.g. the vit-base export, too big to commit) that model
+    /// instead, and `MBT_EDGE_PARITY_PATHS=tract,avx2` only those paths (scalar takes minutes
+    /// at vit-base's size): `cargo test --release --lib parity_of_every_kernel_path --
     /// --nocapture`. About 5 s on the demo model, so CI runs it.
     #[test]
     fn parity_of_every_kernel_path() {
@@ -345,7 +346,15 @@ mod tests {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/avsynth-edge.onnx"));
         let paths = Kernel::ALL.into_iter().filter(|k| k.supported()).map(Selection::Fused);
-        for selection in std::iter::once(Selection::Tract).chain(paths) {
+        let wanted = std::env::var("MBT_EDGE_PARITY_PATHS").ok();
+        let wanted = |selection: &Selection| {
+            let name = match selection {
+                Selection::Fused(kernel) => kernel.name(),
+                Selection::Tract => "tract",
+            };
+            wanted.as_ref().is_none_or(|list| list.split(',').any(|w| w.trim() == name))
+        };
+        for selection in std::iter::once(Selection::Tract).chain(paths).filter(wanted) {
             for threads in [1, 2] {
                 let worst = parity(&model, selection, threads);
                 let line =
