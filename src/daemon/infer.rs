@@ -4,7 +4,7 @@
 //! probabilities. When inference falls behind, the producer drops the oldest waiting window
 //! (counted), so the queue never grows without bound.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,13 +39,14 @@ pub struct ScoredWindow {
     pub batch_size: usize,
 }
 
-/// The producer's end: hands windows to the worker. Live (lossy) queues never block: when the
-/// queue is full, the oldest window of the source with the most windows waiting is dropped
-/// (so drops are shared fairly between sources, not taken from whichever source happens to
-/// push into a full queue), and the worker drops windows older than [`MAX_WINDOW_AGE`]
-/// instead of classifying them (inference really behind). Each drop is counted per source.
-/// Lossless queues (classify, record) wait for room instead. The worker ends once every
-/// clone is dropped and the queue is empty.
+/// The producer's end: hands windows to the worker. Each source has its own short queue
+/// ([`WINDOWS_PER_SOURCE`]) and the worker serves the sources round-robin, one window of each
+/// in turn, so when inference cannot keep up every source gets the same share of it and loses
+/// the same share of its windows: a live source whose queue is full drops its own oldest
+/// window (counted), never another source's. The worker also drops windows older than
+/// [`MAX_WINDOW_AGE`] instead of classifying them (inference really behind). Lossless queues
+/// (classify, record) wait for room instead of dropping. The worker ends once every clone is
+/// dropped and nothing waits.
 pub struct WindowQueue {
     shared: Arc<QueueShared>,
 }
@@ -54,10 +55,12 @@ pub struct WindowQueue {
 /// dropped: its result would come too late to mean anything.
 pub const MAX_WINDOW_AGE: Duration = Duration::from_secs(10);
 
-/// Windows the live queue holds: two per source (each may have one waiting while the next is
-/// cut, all arriving in the same instant when sources share a clock), and at least two batches.
+/// Windows one live source may have waiting: one in inference's hands while the next is cut.
+pub const WINDOWS_PER_SOURCE: usize = 2;
+
+/// Windows the queue holds in all: two per source, and at least two batches.
 pub fn queue_capacity(max_batch: usize, n_sources: usize) -> usize {
-    (2 * max_batch).max(2 * n_sources).max(1)
+    (2 * max_batch).max(WINDOWS_PER_SOURCE * n_sources).max(1)
 }
 
 struct QueueShared {
@@ -69,7 +72,11 @@ struct QueueShared {
 }
 
 struct QueueState {
-    windows: VecDeque<Window>,
+    /// Each source's waiting windows, oldest first.
+    per_source: HashMap<Arc<str>, VecDeque<Window>>,
+    /// Sources with windows waiting, in the order the worker serves them.
+    turn: VecDeque<Arc<str>>,
+    waiting: usize,
     capacity: usize,
     lossless: bool,
     producers: usize,
@@ -81,61 +88,89 @@ fn lock(mutex: &Mutex<QueueState>) -> MutexGuard<'_, QueueState> {
 
 impl WindowQueue {
     fn new(capacity: usize, lossless: bool) -> WindowQueue {
-        let state = QueueState { windows: VecDeque::new(), capacity: capacity.max(1), lossless, producers: 1 };
+        let state = QueueState {
+            per_source: HashMap::new(),
+            turn: VecDeque::new(),
+            waiting: 0,
+            capacity: capacity.max(1),
+            lossless,
+            producers: 1,
+        };
         WindowQueue {
             shared: Arc::new(QueueShared { state: Mutex::new(state), arrived: Condvar::new(), taken: Condvar::new() }),
         }
     }
 
-    /// Queues `window`; see the type's docs for what happens when the queue is full.
+    /// Queues `window`; see the type's docs for what happens when its source's queue is full.
     pub fn push(&self, window: Window) {
         let mut state = lock(&self.shared.state);
         if state.lossless {
-            while state.windows.len() >= state.capacity {
+            while state.waiting >= state.capacity {
                 state = self.shared.taken.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
             }
-        } else {
-            while state.windows.len() >= state.capacity {
-                let Some(victim) = fairest_victim(&state.windows) else { break };
-                if let Some(dropped) = state.windows.remove(victim) {
-                    telemetry::window_dropped(
-                        &dropped.source,
-                        "inference is behind; dropped the oldest window of the source with the most waiting",
-                    );
-                }
-            }
         }
-        state.windows.push_back(window);
+        let source = window.source.clone();
+        let lossless = state.lossless;
+        let queue = state.per_source.entry(source.clone()).or_default();
+        let mut dropped = None;
+        if !lossless && queue.len() >= WINDOWS_PER_SOURCE {
+            dropped = queue.pop_front();
+        }
+        let was_empty = queue.is_empty();
+        queue.push_back(window);
+        if dropped.is_none() {
+            state.waiting += 1;
+        }
+        if was_empty && !state.turn.contains(&source) {
+            state.turn.push_back(source);
+        }
         drop(state);
+        if let Some(dropped) = dropped {
+            telemetry::window_dropped(
+                &dropped.source,
+                "inference is behind; dropped this source's oldest waiting window",
+            );
+        }
         self.shared.arrived.notify_one();
     }
 
     /// Windows waiting for inference.
     pub fn depth(&self) -> usize {
-        lock(&self.shared.state).windows.len()
+        lock(&self.shared.state).waiting
     }
 
-    /// How many windows may wait.
+    /// How many windows may wait in all.
     pub fn capacity(&self) -> usize {
         lock(&self.shared.state).capacity
     }
 
-    /// Resizes the queue (a reload changed the number of sources); windows beyond a smaller
-    /// capacity go at the next push.
+    /// Resizes the queue (a reload changed the number of sources).
     pub fn set_capacity(&self, capacity: usize) {
         lock(&self.shared.state).capacity = capacity.max(1);
     }
 }
 
 impl QueueShared {
-    /// The worker's end: waits for at least one window, then takes up to `max` of them, in
-    /// arrival order; `None` once every producer is gone and nothing waits.
+    /// The worker's end: waits for at least one window, then takes up to `max`, one per
+    /// source in turn (each source's oldest first); `None` once every producer is gone and
+    /// nothing waits.
     fn take(&self, max: usize) -> Option<Vec<Window>> {
         let mut state = lock(&self.state);
         loop {
-            if !state.windows.is_empty() {
-                let n = state.windows.len().min(max);
-                let batch: Vec<Window> = state.windows.drain(..n).collect();
+            if state.waiting > 0 {
+                let mut batch = Vec::new();
+                while batch.len() < max {
+                    let Some(source) = state.turn.pop_front() else { break };
+                    let Some(queue) = state.per_source.get_mut(&source) else { continue };
+                    let Some(window) = queue.pop_front() else { continue };
+                    let more = !queue.is_empty();
+                    if more {
+                        state.turn.push_back(source);
+                    }
+                    state.waiting -= 1;
+                    batch.push(window);
+                }
+                state.per_source.retain(|_, queue| !queue.is_empty());
                 drop(state);
                 self.taken.notify_all();
                 return Some(batch);
@@ -160,19 +195,6 @@ impl Drop for WindowQueue {
         lock(&self.shared.state).producers -= 1;
         self.shared.arrived.notify_all();
     }
-}
-
-/// Index of the window to drop from a full queue: the oldest one of the source that has the
-/// most windows waiting (ties: the source whose oldest window is oldest).
-fn fairest_victim(windows: &VecDeque<Window>) -> Option<usize> {
-    let mut per_source: Vec<(&str, usize, usize)> = Vec::new(); // (source, count, first index)
-    for (idx, window) in windows.iter().enumerate() {
-        match per_source.iter_mut().find(|(source, _, _)| *source == &*window.source) {
-            Some(entry) => entry.1 += 1,
-            None => per_source.push((&window.source, 1, idx)),
-        }
-    }
-    per_source.iter().max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2))).map(|&(_, _, first)| first)
 }
 
 /// Starts the worker thread. `capacity` windows may wait; up to `max_batch` run together.
@@ -301,22 +323,38 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_the_oldest_window_of_the_source_with_most_waiting() {
-        check(3, "a:0 a:1", "a:0 a:1");
-        check(3, "a:0 a:1 a:2 a:3 a:4", "a:2 a:3 a:4");
-        // b pushes into a queue that a filled: a loses its oldest, not b.
-        check(3, "a:0 a:1 a:2 b:0", "a:1 a:2 b:0");
-        check(4, "a:0 a:1 a:2 b:0 b:1 c:0", "a:2 b:0 b:1 c:0");
-        // Equal counts: the source whose oldest window is oldest gives.
-        check(2, "a:0 b:0 c:0", "b:0 c:0");
+    fn a_source_with_a_full_queue_drops_its_own_oldest_and_sources_are_served_in_turn() {
+        check(8, "a:0 a:1", "a:0 a:1");
+        check(8, "a:0 a:1 a:2 a:3 a:4", "a:3 a:4");
+        // b and c push beside a busy a: a loses its own windows, not theirs; taking goes
+        // round the sources in the order they started waiting.
+        check(8, "a:0 a:1 a:2 b:0 c:0 b:1", "a:1 b:0 c:0 a:2 b:1");
     }
 
     #[test]
     fn drops_are_counted_per_source() {
         let dropped = |source: &str| crate::telemetry::snapshot().get(source).map_or(0, |c| c.windows_dropped);
         let before = (dropped("fair-a"), dropped("fair-b"));
-        check(4, "fair-a:0 fair-a:1 fair-a:2 fair-a:3 fair-b:0 fair-b:1", "fair-a:2 fair-a:3 fair-b:0 fair-b:1");
+        check(8, "fair-a:0 fair-a:1 fair-a:2 fair-a:3 fair-b:0 fair-b:1", "fair-a:2 fair-b:0 fair-a:3 fair-b:1");
         assert_eq!((dropped("fair-a") - before.0, dropped("fair-b") - before.1), (2, 0));
+    }
+
+    #[test]
+    fn when_inference_keeps_up_with_a_third_of_the_windows_every_source_gets_a_third() {
+        // Ten sources each push a window per round; the worker takes four per round.
+        let queue = WindowQueue::new(queue_capacity(4, 10), false);
+        let mut served: HashMap<String, usize> = HashMap::new();
+        for round in 0..300 {
+            for source in 0..10 {
+                queue.push(window(&format!("round-robin-{source}"), round));
+            }
+            for window in queue.shared.take(4).unwrap() {
+                *served.entry(window.source.to_string()).or_default() += 1;
+            }
+        }
+        let (least, most) = (served.values().min().unwrap(), served.values().max().unwrap());
+        assert_eq!(served.len(), 10);
+        assert!(most - least <= 1, "served per source {served:?}");
     }
 
     #[test]
