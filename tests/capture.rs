@@ -344,13 +344,18 @@ fn rtsp_media(width: u32, height: u32, audio_codec: &'static str, audio_rate: u3
 fn check_rtsp_window(window: &Window, freq: f64) {
     // A new connection shows no picture until the stream's next keyframe (the server sends
     // one a second), so the first two windows of an incarnation (its first 1.5 s) may begin
-    // with a hole: seen up to 400 ms. After that, packets late past the jitter buffer on a
-    // busy machine are lost (seen: one frame in about thirty runs); a quarter of a window's
-    // frames is the bound, more is a capture fault. Counts and sizes are exact throughout.
-    let holes = if window.index < 2 { FRAMES } else { FRAMES / 4 };
+    // with a hole: seen up to 400 ms. While the new server's encoders start on a busy
+    // machine its first packets can come past the jitter buffer's latency and are dropped,
+    // audio with video (seen once in CI: 392 ms of both in window 1). After that, packets
+    // late past the jitter buffer are rare (seen: one frame in about thirty runs); a quarter
+    // of a window's frames and 20 ms of its audio are the bounds, more is a capture fault.
+    // Counts and sizes are exact throughout.
+    let starting = window.index < 2;
+    let holes = if starting { FRAMES } else { FRAMES / 4 };
+    let audio_holes = if starting { RATE / 2 } else { RATE / 50 };
     check_window_shape(window, Duration::from_millis(1_000 / RTSP_FPS as u64 + 5), holes);
     assert!(window.stats.video_gap_frames as usize <= holes, "window {}: {:?}", window.index, window.stats);
-    assert!(window.stats.audio_gap_samples <= RATE / 50, "window {}: {:?}", window.index, window.stats);
+    assert!(window.stats.audio_gap_samples <= audio_holes, "window {}: {:?}", window.index, window.stats);
     for frame in &window.frames {
         let colours: std::collections::BTreeSet<&[u8]> = frame.rgb.chunks_exact(3).collect();
         assert!(colours.len() >= 4, "window {}: {} colours", window.index, colours.len());
@@ -358,7 +363,10 @@ fn check_rtsp_window(window: &Window, freq: f64) {
     let peak = window.audio.iter().fold(0f32, |peak, sample| peak.max(sample.abs()));
     assert!((0.4..0.6).contains(&peak), "window {}: peak {peak}", window.index);
     let crossings = window.audio.windows(2).filter(|pair| (pair[0] < 0.0) != (pair[1] < 0.0)).count() as f64;
-    let seconds = window.audio.len() as f64 / RATE as f64;
+    // Over the samples heard: a hole is silence, with no crossings.
+    let heard = window.audio.len().saturating_sub(window.stats.audio_gap_samples as usize);
+    assert!(heard >= RATE as usize / 4, "window {}: {heard} samples heard", window.index);
+    let seconds = heard as f64 / RATE as f64;
     let measured = crossings / 2.0 / seconds;
     assert!((measured / freq - 1.0).abs() < 0.05, "window {}: {measured} Hz, expected {freq}", window.index);
 }
