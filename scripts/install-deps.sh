@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages mbt-edge builds, runs and tests with (Debian 12 / Ubuntu 22.04+).
 # The RTSP tests serve H.264 (x264enc: plugins-ugly) from GstRtspServer through python3-gi and
-# decode it with avdec_h264 (libav): about 74 MB more to download.
+# decode it with avdec_h264 (libav): about 74 MB more to download. tests/web.rs drives the
+# live page in headless Chromium through chromedriver (about 90 MB).
 # Uses sudo when not root. Idempotent: skips apt when everything is already there.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ PACKAGES=(
   mosquitto mosquitto-clients openssl systemd bc
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi
   python3 python3-venv python3-pip
+  chromium chromium-driver
 )
 
 SUDO=""

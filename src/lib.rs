@@ -17,4 +17,5 @@ pub mod publish;
 pub mod record;
 pub mod service;
 pub mod telemetry;
+pub mod web;
 pub mod window;

@@ -90,10 +90,12 @@ pub struct Settings {
     pub state_dir: PathBuf,
 }
 
-/// `[metrics]`: where the health and metrics endpoint listens; `None` when disabled.
+/// `[metrics]`: where the HTTP server (page, API, metrics, health) listens; `None` when
+/// disabled; and the token clients must send, if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsSettings {
     pub listen: Option<std::net::SocketAddr>,
+    pub token: Option<String>,
 }
 
 /// The endpoint's address when `[metrics] listen` is not set.

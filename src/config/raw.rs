@@ -40,10 +40,14 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMetrics {
-    /// Serve `GET /metrics` (Prometheus text) and `GET /health`. Default true.
+    /// Serve the page, the JSON API, `GET /metrics` (Prometheus text) and `GET /health`.
+    /// Default true.
     pub enabled: Option<Spanned<bool>>,
     /// Address and port to listen on. Default `127.0.0.1:9464` (loopback only).
     pub listen: Option<Spanned<String>>,
+    /// A file holding the token every client but `/health` must send; required when
+    /// `listen` is not a loopback address. Relative to this file's folder.
+    pub token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

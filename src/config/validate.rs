@@ -90,6 +90,7 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
 
     let log_level = raw.log.level.map(Spanned::into_inner);
     let mqtt = raw.mqtt.validate(&device_id)?;
+    let config_dir = path.parent().unwrap_or(Path::new("."));
     let metrics = {
         let listen = match &raw.metrics.listen {
             Some(listen) => listen.get_ref().parse::<SocketAddr>().map_err(|_| {
@@ -105,9 +106,22 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
             None => DEFAULT_METRICS_LISTEN,
         };
         let enabled = raw.metrics.enabled.as_ref().is_none_or(|enabled| *enabled.get_ref());
-        MetricsSettings { listen: enabled.then_some(listen) }
+        let token = match &raw.metrics.token_file {
+            Some(file) => Some(read_token(file, config_dir)?),
+            None => None,
+        };
+        if enabled && token.is_none() && !listen.ip().is_loopback() {
+            let message = format!(
+                "{listen} is not a loopback address: set [metrics] token_file to a file holding the token \
+                 clients must send (anyone on the network could read the page and metrics otherwise)"
+            );
+            return Err(match &raw.metrics.listen {
+                Some(value) => err("metrics.listen", value, message),
+                None => FieldError::new("metrics.listen", None, message),
+            });
+        }
+        MetricsSettings { listen: enabled.then_some(listen), token }
     };
-    let config_dir = path.parent().unwrap_or(Path::new("."));
     let spool = {
         let mut spool = raw.spool.validate()?;
         if spool.dir.is_relative() {
@@ -336,6 +350,31 @@ fn validate_source(idx: usize, span: std::ops::Range<usize>, raw: RawSource) -> 
 
 fn err<T>(key: &str, value: &Spanned<T>, message: impl Into<String>) -> FieldError {
     FieldError::new(key, Some(value.span()), message)
+}
+
+/// The shortest token accepted from `[metrics] token_file`.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// The HTTP token: the file's first line, at least [`MIN_TOKEN_LEN`] characters of
+/// `A-Z a-z 0-9 . _ ~ -` (it travels in URLs and cookies as is).
+fn read_token(file: &Spanned<String>, config_dir: &Path) -> Result<String, FieldError> {
+    let path = config_dir.join(file.get_ref());
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| err("metrics.token_file", file, format!("cannot read {}: {e}", path.display())))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || ".-_~".contains(c);
+    if token.len() < MIN_TOKEN_LEN || !token.chars().all(allowed) {
+        return Err(err(
+            "metrics.token_file",
+            file,
+            format!(
+                "{} must hold a token of at least {MIN_TOKEN_LEN} characters of A-Z a-z 0-9 . _ ~ - \
+                 (e.g. from `openssl rand -hex 24`)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 fn non_empty(key: &str, value: &Spanned<String>) -> Result<String, FieldError> {

@@ -6,6 +6,7 @@
 //! state echoed on the retained control topics.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
@@ -19,6 +20,7 @@ use crate::capture::SourceStatus;
 use crate::events::{Event, EventEngine, EventKind, EventSettings, WindowScores};
 use crate::publish::{self, MqttSettings, Publisher, PublisherInfo, SpoolSettings};
 use crate::telemetry;
+use crate::web::Live;
 
 /// What the main thread tells the events thread besides scores.
 pub(super) enum Notice {
@@ -81,6 +83,8 @@ struct PublisherSlot {
     /// Counts the publishers started, so the events thread knows when to announce the
     /// control states to a new one.
     generation: u64,
+    /// The page's live feed: every event as it happens, whether or not a publisher runs.
+    live: Arc<Live>,
 }
 
 impl PublisherSlot {
@@ -89,6 +93,7 @@ impl PublisherSlot {
             if event.kind == EventKind::Start {
                 telemetry::event_started(&event.source, &event.label);
             }
+            self.live.event(page_event(&event, &self.config));
             self.waiting.push_back(event);
         }
         self.flush();
@@ -162,6 +167,7 @@ pub(super) fn events_loop(
     results: Receiver<ScoredWindow>,
     notices: Receiver<Notice>,
     state: &DaemonState,
+    live: Arc<Live>,
 ) {
     for (source, label, over) in controls.iter() {
         tracing::info!(source, label, enabled = ?over.enabled, threshold = ?over.threshold, "control from MQTT in force");
@@ -173,6 +179,7 @@ pub(super) fn events_loop(
         waiting: VecDeque::new(),
         last_attempt: Instant::now(),
         generation: 1,
+        live,
     };
     let mut echoed_generation = 0;
     let mut results_open = true;
@@ -196,6 +203,8 @@ pub(super) fn events_loop(
                         video: scored.video,
                         degraded: scored.degraded,
                     };
+                    let message = publish::payload::scores_message(&scores, &slot.config.info.labels, scored.sound_dbfs);
+                    slot.live.scores(&scores.source, &message);
                     if let Some(publisher) = &slot.publisher {
                         publisher.publish_scores(&scores, scored.sound_dbfs);
                         if let Some(dbfs) = scored.sound_dbfs {
@@ -209,6 +218,7 @@ pub(super) fn events_loop(
             },
             recv(if notices_open { notices.clone() } else { crossbeam_channel::never() }) -> message => match message {
                 Ok(Notice::Status { source, status }) => {
+                    slot.live.status(&source, status.as_str());
                     if let Some(publisher) = &slot.publisher {
                         publisher.set_source_status(&source, status);
                     }
@@ -235,8 +245,9 @@ pub(super) fn events_loop(
                     threshold = ?over.threshold, "control from MQTT applied"
                 );
                 slot.publish(engine.set_override(&control.source, &control.label, over));
+                let settings = engine.label_settings(&control.source, &control.label);
+                slot.live.label_settings(&control.source, &control.label, settings.enabled, settings.threshold);
                 if let Some(publisher) = &slot.publisher {
-                    let settings = engine.label_settings(&control.source, &control.label);
                     publisher.set_label_control(&control.source, &control.label, settings.enabled, settings.threshold);
                 }
             },
@@ -264,16 +275,32 @@ pub(super) fn events_loop(
     }
 }
 
-/// Announces every label's control state (enabled, threshold) as the engine applies it.
+/// Announces every label's control state (enabled, threshold) as the engine applies it, to
+/// the publisher and the page.
 fn echo_controls(engine: &EventEngine, slot: &PublisherSlot) {
-    let Some(publisher) = &slot.publisher else { return };
     let info = &slot.config.info;
     for source in &info.sources {
         for label in &info.enabled_labels {
             let settings = engine.label_settings(source, label);
-            publisher.set_label_control(source, label, settings.enabled, settings.threshold);
+            slot.live.label_settings(source, label, settings.enabled, settings.threshold);
+            if let Some(publisher) = &slot.publisher {
+                publisher.set_label_control(source, label, settings.enabled, settings.threshold);
+            }
         }
     }
+}
+
+/// An event as the page and `/api/events` show it: the MQTT event JSON without the fields
+/// of its delivery (`seq`, `replayed`, `latency_ms`).
+fn page_event(event: &Event, config: &PublishConfig) -> Value {
+    let payload = publish::payload::EventPayload::new(event, 0, &config.mqtt.device_id, &config.info.model);
+    let mut value = serde_json::to_value(payload).unwrap_or(Value::Null);
+    if let Some(fields) = value.as_object_mut() {
+        for delivery in ["seq", "replayed", "latency_ms"] {
+            fields.remove(delivery);
+        }
+    }
+    value
 }
 
 /// The `runtime` part of the stats message, from the telemetry counters.

@@ -1,7 +1,7 @@
 //! The health thread (systemd's watchdog and `STATUS=`, the verdict `/health` answers: not ok
-//! while the spool cannot write either, though the watchdog goes on) and the
-//! metrics endpoint's wiring: both read [`DaemonState`] and the telemetry counters; the
-//! verdict itself is `service::Health`'s, the HTTP side `service::MetricsServer`.
+//! while the spool cannot write either, though the watchdog goes on) and the HTTP server's
+//! wiring: both read [`DaemonState`] and the telemetry counters; the verdict itself is
+//! `service::Health`'s, the HTTP side `web::WebServer`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,38 +10,66 @@ use std::time::{Duration, Instant};
 use super::infer::WindowQueue;
 use super::state::{DaemonState, describe_sources, lock};
 use crate::service::{
-    EventCount, Health, HealthInput, HealthSettings, LatencyHistogram, MetricsServer, MetricsSnapshot, Notifier,
-    SourceActivity, SourceMetrics, Verdict,
+    EventCount, Health, HealthInput, HealthSettings, LatencyHistogram, MetricsSnapshot, Notifier, SourceActivity,
+    SourceMetrics, Verdict,
 };
 use crate::telemetry;
+use crate::web::{Handlers, Live, SourceView, WebServer};
 
-/// Starts the metrics and health endpoint; a failure to bind is logged, not fatal (the daemon's
-/// job is events, not metrics).
-pub(super) fn start_metrics(
+/// Starts the HTTP server (page, API, metrics, health); a failure to bind is logged, not
+/// fatal (the daemon's job is events, not pages).
+pub(super) fn start_web(
     address: std::net::SocketAddr,
+    token: Option<String>,
     state: &Arc<DaemonState>,
     queue: &WindowQueue,
-    stop: &Arc<AtomicBool>,
-) -> Option<MetricsServer> {
+    live: &Arc<Live>,
+    about: serde_json::Value,
+) -> Option<WebServer> {
     let metrics_state = state.clone();
     let queue = queue.clone();
     let health_state = state.clone();
-    let server = MetricsServer::start(
-        address,
-        stop.clone(),
-        move || crate::service::render(&metrics_snapshot(&metrics_state, &queue)),
-        move || lock(&health_state.health).clone(),
-    );
-    match server {
+    let sources_state = state.clone();
+    let handlers = Handlers {
+        metrics: Arc::new(move || crate::service::render(&metrics_snapshot(&metrics_state, &queue))),
+        health: Arc::new(move || lock(&health_state.health).clone()),
+        sources: Arc::new(move || source_views(&sources_state)),
+        about: Arc::new(move || about.clone()),
+    };
+    match WebServer::start(address, token.clone(), handlers, live.clone()) {
         Ok(server) => {
-            tracing::info!(address = %server.local_addr(), "metrics and health endpoint listening");
+            let page = if token.is_some() { " (token required)" } else { "" };
+            tracing::info!(address = %server.local_addr(), "page at http://{}/{page}, metrics and health listening", server.local_addr());
             Some(server)
         }
         Err(err) => {
-            tracing::warn!(address = %address, error = %err, "metrics endpoint not started ([metrics] listen)");
+            tracing::warn!(address = %address, error = %err, "HTTP server not started ([metrics] listen)");
             None
         }
     }
+}
+
+/// Each source as `/api/sources` shows it.
+fn source_views(state: &DaemonState) -> Vec<SourceView> {
+    let counters = telemetry::snapshot();
+    let now = Instant::now();
+    lock(&state.sources)
+        .iter()
+        .map(|source| {
+            let counters = counters.get(&source.name).cloned().unwrap_or_default();
+            let (video_fps, audio_rate_hz) = counters.rates_at(now);
+            SourceView {
+                name: source.name.clone(),
+                status: source.status.as_str().to_owned(),
+                restarts: counters.restarts,
+                windows_built: counters.windows_built,
+                windows_dropped: counters.windows_dropped,
+                video_fps,
+                audio_rate_hz,
+                last_window_age_seconds: source.last_window.map(|at| now.duration_since(at).as_secs_f64()),
+            }
+        })
+        .collect()
 }
 
 /// Everything `/metrics` shows, read from telemetry and the daemon's state.

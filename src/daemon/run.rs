@@ -3,7 +3,7 @@
 //! Capture and the window stage run on this thread, the inference worker on its own, an
 //! events thread owns the event engine and the publisher ([`super::events`]), a health thread
 //! keeps systemd's watchdog and `STATUS=` and the `/health` verdict ([`super::health`]), and
-//! the metrics server answers `/metrics`. SIGHUP sets a flag this loop checks between two
+//! the HTTP server (`crate::web`) answers the page, the API, `/metrics` and `/health`. SIGHUP sets a flag this loop checks between two
 //! rounds of the window stage; [`super::reload`] applies the new config.
 
 use std::path::Path;
@@ -25,6 +25,7 @@ use super::state::{DaemonState, READY_TIMEOUT};
 use crate::events::EventEngine;
 use crate::model::ModelRuntime;
 use crate::service::Notifier;
+use crate::web::Live;
 
 /// Status changes, finished sources and reloads waiting for the events thread: a few per
 /// source at a time; the window stage waits (briefly) rather than losing one.
@@ -61,14 +62,28 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let (notices_tx, notices) = bounded::<Notice>(NOTICES_CAPACITY);
     let engine = EventEngine::new(settings.events.clone(), model.metadata.labels.clone(), model.metadata.multi_label);
     let controls = Controls::load(&settings.state_dir);
+    let live = Live::new();
     let events_thread = {
         let state = state.clone();
+        let live = live.clone();
         std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || events::events_loop(engine, publisher, publish_config, controls, results, notices, &state))
+            .spawn(move || {
+                events::events_loop(engine, publisher, publish_config, controls, results, notices, &state, live)
+            })
             .map_err(Failure::other)?
     };
-    let metrics = settings.metrics.listen.and_then(|address| health::start_metrics(address, &state, &queue, &stop));
+    let about = serde_json::json!({
+        "device": settings.mqtt.device_id,
+        "model": model.name(),
+        "model_sha256": model.sha256,
+        "labels": model.metadata.labels,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let web = settings
+        .metrics
+        .listen
+        .and_then(|address| health::start_web(address, settings.metrics.token.clone(), &state, &queue, &live, about));
 
     let mut sources = Sources::start(&prepared, &settings.sources, true).map_err(Failure::other)?;
     tracing::info!(sources = settings.sources.len(), "running");
@@ -142,8 +157,8 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let _ = worker.join();
     drop(notices_tx);
     let _ = events_thread.join();
-    if let Some(metrics) = metrics {
-        metrics.stop();
+    if let Some(web) = web {
+        web.stop();
     }
     tracing::info!("stopped");
     Ok(())

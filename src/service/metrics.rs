@@ -1,19 +1,14 @@
-//! The metrics and health endpoint: Prometheus text format 0.0.4 on `GET /metrics`, `200 ok`
-//! or `503 <reason>` on `GET /health`, served by one thread on a std `TcpListener` (loopback
-//! by default). [`render`] turns a typed [`MetricsSnapshot`] into the text; the server only
-//! calls the closures it was given, so it knows nothing of telemetry.
-//!
-//! The server must never take the daemon down: a client that sends garbage, stalls, or
-//! hangs up gets an error status or is dropped, one connection at a time, with a deadline.
+//! What `/metrics` shows: a typed [`MetricsSnapshot`] copied out of telemetry at scrape time,
+//! rendered in the Prometheus text format 0.0.4 by `prometheus-client` (the Prometheus
+//! project's own Rust client): its encoder does the names, escaping, float spelling and
+//! histogram layout that a hand-written one has to get right. The HTTP side is `crate::web`.
 
-use std::fmt::{self, Write as _};
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
 /// `Content-Type` of `/metrics`: Prometheus text exposition format 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -78,416 +73,197 @@ pub struct EventCount {
 
 /// Renders `snapshot` in Prometheus text format 0.0.4, every metric prefixed `mbt_edge_`.
 pub fn render(snapshot: &MetricsSnapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
     let mut out = String::with_capacity(4096);
-    let sources = &snapshot.sources;
-
-    let mut family = Family::begin(
-        &mut out,
-        "mbt_edge_source_video_fps",
-        "gauge",
-        "Video frames per second arriving from the source.",
-    );
-    for source in sources {
-        family.sample("", &[("source", &source.source)], Value::Float(source.video_fps));
-    }
-    let mut family = Family::begin(
-        &mut out,
-        "mbt_edge_source_audio_rate_hz",
-        "gauge",
-        "Audio samples per second arriving from the source.",
-    );
-    for source in sources {
-        family.sample("", &[("source", &source.source)], Value::Float(source.audio_rate_hz));
-    }
-    let mut family = Family::begin(
-        &mut out,
-        "mbt_edge_source_av_skew_seconds",
-        "gauge",
-        "Last measured A/V skew: audio minus video arrival delay.",
-    );
-    for source in sources {
-        if let Some(skew) = source.av_skew_seconds {
-            family.sample("", &[("source", &source.source)], Value::Float(skew));
-        }
-    }
-    let mut family = Family::begin(&mut out, "mbt_edge_windows_built_total", "counter", "Windows cut from the source.");
-    for source in sources {
-        family.sample("", &[("source", &source.source)], Value::Int(source.windows_built));
-    }
-    let mut family = Family::begin(
-        &mut out,
-        "mbt_edge_windows_dropped_total",
-        "counter",
-        "Windows dropped before classification (inference behind or failed).",
-    );
-    for source in sources {
-        family.sample("", &[("source", &source.source)], Value::Int(source.windows_dropped));
-    }
-    let mut family = Family::begin(
-        &mut out,
-        "mbt_edge_source_restarts_total",
-        "counter",
-        "Pipeline restarts after a source failed.",
-    );
-    for source in sources {
-        family.sample("", &[("source", &source.source)], Value::Int(source.restarts));
-    }
-
-    let histogram = &snapshot.inference_latency;
-    let mut family = Family::begin(
-        &mut out,
-        "mbt_edge_inference_latency_seconds",
-        "histogram",
-        "Latency of one inference batch: features and model run.",
-    );
-    let mut last_bound_infinite = false;
-    for (bound, count) in histogram.bounds_seconds.iter().zip(&histogram.cumulative_counts) {
-        family.sample("_bucket", &[("le", &format_float(*bound))], Value::Int(*count));
-        last_bound_infinite = bound.is_infinite();
-    }
-    if !last_bound_infinite {
-        family.sample("_bucket", &[("le", "+Inf")], Value::Int(histogram.count));
-    }
-    family.sample("_sum", &[], Value::Float(histogram.sum_seconds));
-    family.sample("_count", &[], Value::Int(histogram.count));
-
-    Family::begin(&mut out, "mbt_edge_inference_queue_depth", "gauge", "Windows waiting for inference.").sample(
-        "",
-        &[],
-        Value::Int(snapshot.queue_depth as u64),
-    );
-    Family::begin(
-        &mut out,
-        "mbt_edge_inference_queue_capacity",
-        "gauge",
-        "Windows the inference queue holds before dropping the oldest.",
-    )
-    .sample("", &[], Value::Int(snapshot.queue_capacity as u64));
-
-    let mut family =
-        Family::begin(&mut out, "mbt_edge_events_total", "counter", "Events started, per source and label.");
-    for event in &snapshot.events {
-        family.sample("", &[("source", &event.source), ("label", &event.label)], Value::Int(event.count));
-    }
-
-    Family::begin(&mut out, "mbt_edge_mqtt_connected", "gauge", "1 while connected to the MQTT broker, else 0.")
-        .sample("", &[], Value::Int(u64::from(snapshot.mqtt_connected)));
-    Family::begin(
-        &mut out,
-        "mbt_edge_spool_events",
-        "gauge",
-        "Events in the spool, not yet acknowledged by the broker.",
-    )
-    .sample("", &[], Value::Int(snapshot.spool_events));
-    Family::begin(&mut out, "mbt_edge_spool_bytes", "gauge", "Size of the spool on disk.").sample(
-        "",
-        &[],
-        Value::Int(snapshot.spool_bytes),
-    );
-    Family::begin(
-        &mut out,
-        "mbt_edge_spool_unwritable",
-        "gauge",
-        "1 while the spool's disk refuses writes (events are held in memory), else 0.",
-    )
-    .sample("", &[], Value::Int(u64::from(snapshot.spool_unwritable)));
-    Family::begin(
-        &mut out,
-        "mbt_edge_spool_unwritten_events",
-        "gauge",
-        "Events held in memory only because the spool's disk refused them.",
-    )
-    .sample("", &[], Value::Int(snapshot.spool_unwritten));
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        .expect("writing to a String does not fail");
     out
 }
 
-/// The HTTP server thread; stops when the daemon's `shutdown` flag is set, on
-/// [`MetricsServer::stop`], or when dropped.
+/// Encodes one snapshot: registered per scrape, so the counters are the daemon's own
+/// (`ConstCounter`, `ConstGauge`), not copies kept in sync.
 #[derive(Debug)]
-pub struct MetricsServer {
-    local_addr: SocketAddr,
-    stopped: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+struct SnapshotCollector(MetricsSnapshot);
+
+/// A family's name without its `_total` (the encoder adds it to counters) and its help
+/// without the final full stop (the encoder adds one).
+fn family<'e>(
+    encoder: &'e mut DescriptorEncoder<'_>,
+    name: &'e str,
+    help: &str,
+    kind: MetricType,
+) -> Result<MetricEncoder<'e>, std::fmt::Error> {
+    let name = name.strip_suffix("_total").unwrap_or(name);
+    encoder.encode_descriptor(name, help.trim_end_matches('.'), None, kind)
 }
 
-/// How often the accept loop looks at the stop flags.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// The most time one client gets to send its request and read the answer.
-const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
-/// The longest request head accepted (request line and headers).
-const MAX_HEAD_BYTES: usize = 8 * 1024;
-
-impl MetricsServer {
-    /// Binds `address` (port 0 picks a free one) and serves on a new thread named
-    /// `metrics-http`. `metrics` renders the `/metrics` body; `health` is `Ok(())` when
-    /// healthy or `Err(reason)`. Fails only if the address cannot be bound.
-    pub fn start<M, H>(
-        address: SocketAddr,
-        shutdown: Arc<AtomicBool>,
-        metrics: M,
-        health: H,
-    ) -> io::Result<MetricsServer>
-    where
-        M: Fn() -> String + Send + 'static,
-        H: Fn() -> Result<(), String> + Send + 'static,
-    {
-        let listener = TcpListener::bind(address)?;
-        listener.set_nonblocking(true)?;
-        let local_addr = listener.local_addr()?;
-        let stopped = Arc::new(AtomicBool::new(false));
-        let thread_stopped = Arc::clone(&stopped);
-        let thread = std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
-            let handlers = Handlers { metrics: &metrics, health: &health };
-            while !shutdown.load(Ordering::Relaxed) && !thread_stopped.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _peer)) => serve_client(stream, &handlers),
-                    // WouldBlock: nobody waiting. Other errors (EMFILE, ECONNABORTED) are
-                    // transient for a server: wait and accept again.
-                    Err(_) => std::thread::sleep(POLL_INTERVAL),
-                }
-            }
-        })?;
-        Ok(MetricsServer { local_addr, stopped, thread: Some(thread) })
-    }
-
-    /// The bound address (with the port actually chosen).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// Stops accepting and waits for the thread: at most one poll interval plus one client's
-    /// deadline.
-    pub fn stop(mut self) {
-        self.stop_and_join();
-    }
-
-    fn stop_and_join(&mut self) {
-        self.stopped.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+fn per_source<T>(
+    encoder: &mut DescriptorEncoder<'_>,
+    (name, help, kind): (&str, &str, MetricType),
+    sources: &[SourceMetrics],
+    value: impl Fn(&SourceMetrics) -> Option<T>,
+    encode: impl Fn(T, MetricEncoder<'_>) -> Result<(), std::fmt::Error>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = family(encoder, name, help, kind)?;
+    for source in sources {
+        if let Some(value) = value(source) {
+            encode(value, metric.encode_family(&[("source", source.source.as_str())])?)?;
         }
     }
+    Ok(())
 }
 
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop_and_join();
-    }
+fn gauge(value: f64, encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(encoder)
 }
 
-struct Handlers<'a> {
-    metrics: &'a dyn Fn() -> String,
-    health: &'a dyn Fn() -> Result<(), String>,
+fn counter(value: u64, encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(value).encode(encoder)
 }
 
-struct Response {
-    status: u16,
-    reason: &'static str,
-    content_type: &'static str,
-    body: String,
-    allow: bool,
+fn single_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    gauge(value, family(encoder, name, help, MetricType::Gauge)?)
 }
 
-impl Response {
-    fn text(status: u16, reason: &'static str, body: impl Into<String>) -> Response {
-        Response { status, reason, content_type: "text/plain; charset=utf-8", body: body.into(), allow: false }
-    }
-}
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = &self.0;
+        let sources = &snapshot.sources;
+        let encoder = &mut encoder;
+        per_source(
+            encoder,
+            ("mbt_edge_source_video_fps", "Video frames per second arriving from the source.", MetricType::Gauge),
+            sources,
+            |source| Some(source.video_fps),
+            gauge,
+        )?;
+        per_source(
+            encoder,
+            ("mbt_edge_source_audio_rate_hz", "Audio samples per second arriving from the source.", MetricType::Gauge),
+            sources,
+            |source| Some(source.audio_rate_hz),
+            gauge,
+        )?;
+        per_source(
+            encoder,
+            (
+                "mbt_edge_source_av_skew_seconds",
+                "Last measured A/V skew: audio minus video arrival delay.",
+                MetricType::Gauge,
+            ),
+            sources,
+            |source| source.av_skew_seconds,
+            gauge,
+        )?;
+        per_source(
+            encoder,
+            ("mbt_edge_windows_built_total", "Windows cut from the source.", MetricType::Counter),
+            sources,
+            |source| Some(source.windows_built),
+            counter,
+        )?;
+        per_source(
+            encoder,
+            (
+                "mbt_edge_windows_dropped_total",
+                "Windows dropped before classification (inference behind or failed).",
+                MetricType::Counter,
+            ),
+            sources,
+            |source| Some(source.windows_dropped),
+            counter,
+        )?;
+        per_source(
+            encoder,
+            ("mbt_edge_source_restarts_total", "Pipeline restarts after a source failed.", MetricType::Counter),
+            sources,
+            |source| Some(source.restarts),
+            counter,
+        )?;
 
-fn serve_client(mut stream: TcpStream, handlers: &Handlers<'_>) {
-    let deadline = Instant::now() + CLIENT_DEADLINE;
-    // Accepted sockets may inherit non-blocking mode on some platforms.
-    if stream.set_nonblocking(false).is_err() || stream.set_write_timeout(Some(CLIENT_DEADLINE)).is_err() {
-        return;
-    }
-    let (response, head_only) = match read_head(&mut stream, deadline) {
-        Ok(Some(head)) => respond(&head, handlers),
-        // The client hung up without sending anything (a port probe).
-        Ok(None) => return,
-        Err(response) => (response, false),
-    };
-    let mut message = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
-        response.status,
-        response.reason,
-        response.content_type,
-        response.body.len()
-    );
-    if response.allow {
-        message.push_str("Allow: GET, HEAD\r\n");
-    }
-    message.push_str("\r\n");
-    if !head_only {
-        message.push_str(&response.body);
-    }
-    // A client that went away is its own problem.
-    let _ = stream.write_all(message.as_bytes());
-    let _ = stream.flush();
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-}
+        // Telemetry keeps cumulative counts; the encoder wants each bucket's own.
+        let histogram = &snapshot.inference_latency;
+        let mut previous = 0;
+        let buckets: Vec<(f64, u64)> = histogram
+            .bounds_seconds
+            .iter()
+            .zip(&histogram.cumulative_counts)
+            .map(|(bound, cumulative)| {
+                let own = cumulative.saturating_sub(previous);
+                previous = previous.max(*cumulative);
+                (*bound, own)
+            })
+            .collect();
+        family(
+            encoder,
+            "mbt_edge_inference_latency_seconds",
+            "Latency of one inference batch: features and model run.",
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            histogram.sum_seconds,
+            histogram.count,
+            &buckets,
+            None,
+        )?;
 
-/// Reads the request head (up to the blank line). `Ok(None)`: closed before a byte arrived;
-/// `Err`: the error response to send.
-fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<Option<Vec<u8>>, Response> {
-    let mut head = Vec::with_capacity(512);
-    let mut buffer = [0u8; 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return Err(Response::text(408, "Request Timeout", "request timeout\n"));
+        single_gauge(
+            encoder,
+            "mbt_edge_inference_queue_depth",
+            "Windows waiting for inference.",
+            snapshot.queue_depth as f64,
+        )?;
+        single_gauge(
+            encoder,
+            "mbt_edge_inference_queue_capacity",
+            "Windows the inference queue holds before dropping the oldest.",
+            snapshot.queue_capacity as f64,
+        )?;
+        let mut events =
+            family(encoder, "mbt_edge_events_total", "Events started, per source and label.", MetricType::Counter)?;
+        for event in &snapshot.events {
+            counter(
+                event.count,
+                events.encode_family(&[("source", event.source.as_str()), ("label", event.label.as_str())])?,
+            )?;
         }
-        match stream.read(&mut buffer) {
-            Ok(0) if head.is_empty() => return Ok(None),
-            Ok(0) => return Err(Response::text(400, "Bad Request", "incomplete request\n")),
-            Ok(n) => head.extend_from_slice(&buffer[..n]),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(Response::text(408, "Request Timeout", "request timeout\n"));
-            }
-            Err(_) => return Ok(None),
-        }
-        if let Some(end) = find_head_end(&head) {
-            head.truncate(end);
-            return Ok(Some(head));
-        }
-        if head.len() > MAX_HEAD_BYTES {
-            return Err(Response::text(431, "Request Header Fields Too Large", "request head too large\n"));
-        }
+        single_gauge(
+            encoder,
+            "mbt_edge_mqtt_connected",
+            "1 while connected to the MQTT broker, else 0.",
+            f64::from(u8::from(snapshot.mqtt_connected)),
+        )?;
+        single_gauge(
+            encoder,
+            "mbt_edge_spool_events",
+            "Events in the spool, not yet acknowledged by the broker.",
+            snapshot.spool_events as f64,
+        )?;
+        single_gauge(encoder, "mbt_edge_spool_bytes", "Size of the spool on disk.", snapshot.spool_bytes as f64)?;
+        single_gauge(
+            encoder,
+            "mbt_edge_spool_unwritable",
+            "1 while the spool's disk refuses writes (events are held in memory), else 0.",
+            f64::from(u8::from(snapshot.spool_unwritable)),
+        )?;
+        single_gauge(
+            encoder,
+            "mbt_edge_spool_unwritten_events",
+            "Events held in memory only because the spool's disk refused them.",
+            snapshot.spool_unwritten as f64,
+        )
     }
-}
-
-fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = bytes.windows(2).position(|w| w == b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Routes one request head; returns the response and whether to omit the body (HEAD).
-fn respond(head: &[u8], handlers: &Handlers<'_>) -> (Response, bool) {
-    let bad = || (Response::text(400, "Bad Request", "bad request\n"), false);
-    let Ok(head) = std::str::from_utf8(head) else { return bad() };
-    let request_line = head.lines().next().unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return bad();
-    };
-    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
-        return bad();
-    }
-    let head_only = match method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => {
-            let mut response = Response::text(405, "Method Not Allowed", "method not allowed\n");
-            response.allow = true;
-            return (response, false);
-        }
-    };
-    let path = target.split(['?', '#']).next().unwrap_or(target);
-    let response = match path {
-        "/metrics" => match catch_unwind(AssertUnwindSafe(|| (handlers.metrics)())) {
-            Ok(body) => Response { status: 200, reason: "OK", content_type: CONTENT_TYPE, body, allow: false },
-            Err(_) => Response::text(500, "Internal Server Error", "metrics unavailable\n"),
-        },
-        "/health" => match catch_unwind(AssertUnwindSafe(|| (handlers.health)())) {
-            Ok(Ok(())) => Response::text(200, "OK", "ok\n"),
-            Ok(Err(reason)) => Response::text(503, "Service Unavailable", format!("{}\n", one_line(&reason))),
-            Err(_) => Response::text(500, "Internal Server Error", "health unavailable\n"),
-        },
-        _ => Response::text(404, "Not Found", "not found\n"),
-    };
-    (response, head_only)
-}
-
-fn one_line(text: &str) -> String {
-    text.chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }).collect()
-}
-
-/// One metric family: its `# HELP` and `# TYPE` lines are written by `begin`, then samples.
-struct Family<'o> {
-    out: &'o mut String,
-    name: &'static str,
-}
-
-enum Value {
-    Int(u64),
-    Float(f64),
-}
-
-impl fmt::Display for Value {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Value::Int(value) => write!(f, "{value}"),
-            Value::Float(value) => f.write_str(&format_float(*value)),
-        }
-    }
-}
-
-impl<'o> Family<'o> {
-    fn begin(out: &'o mut String, name: &'static str, kind: &str, help: &str) -> Family<'o> {
-        let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        Family { out, name }
-    }
-
-    fn sample(&mut self, suffix: &str, labels: &[(&str, &str)], value: Value) {
-        self.out.push_str(self.name);
-        self.out.push_str(suffix);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (idx, (key, label_value)) in labels.iter().enumerate() {
-                if idx > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{key}=\"{}\"", escape_label_value(label_value));
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {value}");
-    }
-}
-
-/// Floats as Prometheus writes them: `+Inf`, `-Inf`, `NaN`, otherwise Rust's shortest
-/// round-trip form (`0.005`, `2.5`, `1`).
-fn format_float(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".into()
-    } else if value == f64::INFINITY {
-        "+Inf".into()
-    } else if value == f64::NEG_INFINITY {
-        "-Inf".into()
-    } else {
-        format!("{value}")
-    }
-}
-
-/// `# HELP` text escapes backslash and line feed.
-fn escape_help(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-/// Label values escape backslash, double quote and line feed.
-fn escape_label_value(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => escaped.push_str("\\\\"),
-            '"' => escaped.push_str("\\\""),
-            '\n' => escaped.push_str("\\n"),
-            c => escaped.push(c),
-        }
-    }
-    escaped
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::net::Ipv4Addr;
 
     use super::*;
 
@@ -729,143 +505,13 @@ mod tests {
 
     #[test]
     fn special_floats_use_prometheus_spelling() {
-        assert_eq!(format_float(f64::INFINITY), "+Inf");
-        assert_eq!(format_float(f64::NEG_INFINITY), "-Inf");
-        assert_eq!(format_float(f64::NAN), "NaN");
-        assert_eq!(format_float(2.5), "2.5");
         let mut odd = snapshot();
         odd.sources[0].video_fps = f64::NAN;
-        let (_, samples) = parse(&render(&odd));
+        odd.sources[1].video_fps = f64::INFINITY;
+        let text = render(&odd);
+        let (_, samples) = parse(&text);
         assert!(value(&samples, "mbt_edge_source_video_fps", &[("source", "yard")]).unwrap().is_nan());
-    }
-
-    // The server, over real TCP on loopback.
-
-    struct Server {
-        server: MetricsServer,
-        shutdown: Arc<AtomicBool>,
-    }
-
-    fn start(health: Result<(), String>) -> Server {
-        let shutdown = Arc::new(AtomicBool::new(false));
-        let server = MetricsServer::start(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            Arc::clone(&shutdown),
-            || render(&snapshot()),
-            move || health.clone(),
-        )
-        .expect("binding a loopback port");
-        Server { server, shutdown }
-    }
-
-    /// Sends `request` as is and returns the whole answer (the server closes the connection).
-    fn exchange(server: &Server, request: &[u8]) -> String {
-        let mut stream = TcpStream::connect(server.server.local_addr()).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        stream.write_all(request).unwrap();
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).unwrap();
-        String::from_utf8(answer).unwrap()
-    }
-
-    fn status_and_body(answer: &str) -> (&str, &str) {
-        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
-        (head.lines().next().unwrap(), body)
-    }
-
-    #[test]
-    fn serves_metrics_over_http() {
-        let server = start(Ok(()));
-        let answer = exchange(&server, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n");
-        let (status, body) = status_and_body(&answer);
-        assert_eq!(status, "HTTP/1.1 200 OK");
-        assert!(answer.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"));
-        assert!(answer.contains(&format!("Content-Length: {}\r\n", body.len())));
-        let (_, samples) = parse(body);
-        assert_eq!(value(&samples, "mbt_edge_spool_bytes", &[]), Some(2048.0));
-        server.server.stop();
-    }
-
-    #[test]
-    fn health_answers_ok_or_the_reason() {
-        let healthy = start(Ok(()));
-        let answer = exchange(&healthy, b"GET /health HTTP/1.0\r\n\r\n");
-        assert_eq!(status_and_body(&answer), ("HTTP/1.1 200 OK", "ok\n"));
-
-        let sick = start(Err("no windows from any source for 11.0s".into()));
-        let answer = exchange(&sick, b"GET /health?verbose=1 HTTP/1.1\n\n");
-        assert_eq!(
-            status_and_body(&answer),
-            ("HTTP/1.1 503 Service Unavailable", "no windows from any source for 11.0s\n")
-        );
-        let answer = exchange(&sick, b"HEAD /health HTTP/1.1\r\n\r\n");
-        assert!(answer.starts_with("HTTP/1.1 503 "));
-        assert!(answer.ends_with("\r\n\r\n"), "HEAD has no body: {answer:?}");
-    }
-
-    #[test]
-    fn unknown_paths_methods_and_garbage_get_errors_and_the_server_lives_on() {
-        let server = start(Ok(()));
-        let cases: &[(&[u8], &str)] = &[
-            (b"GET /nope HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
-            (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 405 Method Not Allowed"),
-            (b"\x00\xff\xfe garbage\r\n\r\n", "HTTP/1.1 400 Bad Request"),
-            (b"GET /metrics\r\n\r\n", "HTTP/1.1 400 Bad Request"),
-            (b"GET metrics HTTP/1.1\r\n\r\n", "HTTP/1.1 400 Bad Request"),
-            (b"GET /metrics SPDY/3\r\n\r\n", "HTTP/1.1 400 Bad Request"),
-        ];
-        for (request, expected) in cases {
-            let answer = exchange(&server, request);
-            assert_eq!(status_and_body(&answer).0, *expected, "request {:?}", String::from_utf8_lossy(request));
-        }
-        // A head that never ends.
-        let mut huge = b"GET /metrics HTTP/1.1\r\n".to_vec();
-        huge.extend(std::iter::repeat_n(b'x', MAX_HEAD_BYTES + 10));
-        assert!(exchange(&server, &huge).starts_with("HTTP/1.1 431 "));
-        // A client that connects and leaves, and one that sends half a request and hangs up.
-        drop(TcpStream::connect(server.server.local_addr()).unwrap());
-        {
-            let mut half = TcpStream::connect(server.server.local_addr()).unwrap();
-            half.write_all(b"GET /met").unwrap();
-        }
-        let answer = exchange(&server, b"GET /metrics HTTP/1.1\r\n\r\n");
-        assert_eq!(status_and_body(&answer).0, "HTTP/1.1 200 OK");
-    }
-
-    #[test]
-    fn a_stalled_client_times_out_without_blocking_forever() {
-        let server = start(Ok(()));
-        let mut stalled = TcpStream::connect(server.server.local_addr()).unwrap();
-        stalled.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
-        stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut answer = String::new();
-        let _ = stalled.read_to_string(&mut answer);
-        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
-        let answer = exchange(&server, b"GET /health HTTP/1.1\r\n\r\n");
-        assert_eq!(status_and_body(&answer).0, "HTTP/1.1 200 OK");
-    }
-
-    #[test]
-    fn a_panicking_closure_is_a_500_not_a_dead_server() {
-        let shutdown = Arc::new(AtomicBool::new(false));
-        let server = MetricsServer::start(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            Arc::clone(&shutdown),
-            || panic!("snapshot failed"),
-            || Ok(()),
-        )
-        .unwrap();
-        let server = Server { server, shutdown };
-        assert!(exchange(&server, b"GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 500 "));
-        assert!(exchange(&server, b"GET /health HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 "));
-    }
-
-    #[test]
-    fn the_shutdown_flag_stops_the_server() {
-        let server = start(Ok(()));
-        let address = server.server.local_addr();
-        server.shutdown.store(true, Ordering::Relaxed);
-        server.server.stop();
-        assert!(TcpStream::connect(address).is_err(), "the port is closed after stop");
+        assert!(text.contains("mbt_edge_source_video_fps{source=\"yard\"} NaN\n"), "{text}");
+        assert!(text.contains("} +Inf\n"), "{text}");
     }
 }
