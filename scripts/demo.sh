@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the daemon on the bundled demo config (config.toml: the shipped demo model and test
-# sources playing some of its classes) and prints every MQTT message it publishes.
+# sources playing some of its classes) and prints every MQTT message it publishes; the live
+# page is at http://127.0.0.1:9464/.
 # Usage: scripts/demo.sh   (Ctrl-C stops it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
 fi
 
+echo "== the live page: http://127.0.0.1:9464/"
 echo "== MQTT messages from mbt-edge (topic payload):"
 mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'mbt-edge/#' &
 pids+=($!)

@@ -29,6 +29,14 @@ fn demo_config(dir: &Path, broker: u16, http: u16) -> PathBuf {
     config
 }
 
+/// One daemon with three live sources (and a browser) at a time: two beside each other
+/// overload two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn wait_for_http(http: u16, daemon: &Daemon) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while http_get(http, "/health").is_err() {
@@ -39,7 +47,7 @@ fn wait_for_http(http: u16, daemon: &Daemon) {
 
 /// One HTTP/1.1 exchange with chromedriver: `method path` with a JSON body; the JSON answer.
 fn webdriver(port: u16, method: &str, path: &str, body: Option<&Value>) -> Value {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("chromedriver listens");
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let body = body.map(Value::to_string).unwrap_or_default();
     write!(
@@ -48,11 +56,26 @@ fn webdriver(port: u16, method: &str, path: &str, body: Option<&Value>) -> Value
         body.len()
     )
     .unwrap();
+    // chromedriver may keep the socket open after its answer: read by Content-Length.
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    let answer = String::from_utf8_lossy(&answer);
-    let (_, json) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("chromedriver answered {answer:?}"));
-    serde_json::from_str(json).unwrap_or_else(|err| panic!("chromedriver: {err}: {json:?}"))
+    let mut buffer = [0u8; 16 * 1024];
+    let json = loop {
+        let read =
+            stream.read(&mut buffer).unwrap_or_else(|err| panic!("chromedriver did not answer {method} {path}: {err}"));
+        answer.extend_from_slice(&buffer[..read]);
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(|n| n.trim().to_owned()))
+                .and_then(|n| n.parse::<usize>().ok());
+            if length.is_none_or(|length| body.len() >= length) && (length.is_some() || read == 0) {
+                break body.to_owned();
+            }
+        }
+        assert!(read > 0, "chromedriver closed before answering {method} {path}: {text:?}");
+    };
+    serde_json::from_str(&json).unwrap_or_else(|err| panic!("chromedriver: {err}: {json:?}"))
 }
 
 /// Debian's chromedriver on a free loopback port, with a Chromium session: headless, no
@@ -62,13 +85,16 @@ struct Browser {
     port: u16,
     session: String,
     _profile: tempfile::TempDir,
+    _logs: tempfile::TempDir,
 }
 
 impl Browser {
     fn start() -> Browser {
         let port = free_port();
+        let logs = tempfile::tempdir().unwrap();
+        let log = logs.path().join("chromedriver.log");
         let driver = Command::new("chromedriver")
-            .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+            .args([format!("--port={port}"), format!("--log-path={}", log.display())])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -97,12 +123,18 @@ impl Browser {
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": "/usr/bin/chromium", "args": args },
         }}});
-        let answer = webdriver(port, "POST", "/session", Some(&capabilities));
+        let answer = std::panic::catch_unwind(|| webdriver(port, "POST", "/session", Some(&capabilities)));
+        let log_tail = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        let answer =
+            answer.unwrap_or_else(|_| panic!("no WebDriver session; chromedriver's log ends:\n{}", log_tail()));
         let session = answer["value"]["sessionId"]
             .as_str()
-            .unwrap_or_else(|| panic!("no WebDriver session: {answer}"))
+            .unwrap_or_else(|| panic!("no WebDriver session: {answer}\nchromedriver's log ends:\n{}", log_tail()))
             .to_owned();
-        Browser { driver, port, session, _profile: profile }
+        Browser { driver, port, session, _profile: profile, _logs: logs }
     }
 
     fn command(&self, method: &str, command: &str, body: Option<&Value>) -> Value {
@@ -137,7 +169,7 @@ impl Drop for Browser {
 }
 
 /// What the page shows, read from its DOM.
-const READ_PAGE: &str = r#"
+const READ_PAGE: &str = r##"
 const cards = [...document.querySelectorAll("article.source")].map((card) => ({
   name: card.dataset.source,
   status: card.dataset.status || "",
@@ -152,13 +184,14 @@ const events = [...document.querySelectorAll("#events tbody tr")].map((row) => (
 }));
 return { cards, events, connection: document.querySelector("#connection").textContent,
          device: document.querySelector("#device").textContent };
-"#;
+"##;
 
 /// The page on the demo config: all three sources with their status, score charts that
 /// receive new points, a legend with thresholds, a sound level, and the `start` of yard's
 /// ball_tone in the events list. Saves the screenshot as target/web-page.png.
 #[test]
 fn the_live_page_shows_sources_scores_and_events_in_chromium() {
+    let _turn = turn();
     let broker = Broker::start("");
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
@@ -172,7 +205,11 @@ fn the_live_page_shows_sources_scores_and_events_in_chromium() {
     let page = loop {
         let page = browser.run(READ_PAGE);
         let cards = page["cards"].as_array().cloned().unwrap_or_default();
-        let points: Value = cards.iter().map(|card| (card["name"].as_str().unwrap_or("").to_owned(), card["points"].clone())).collect::<serde_json::Map<_, _>>().into();
+        let points: Value = cards
+            .iter()
+            .map(|card| (card["name"].as_str().unwrap_or("").to_owned(), card["points"].clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         let first = first_points.get_or_insert_with(|| points.clone()).clone();
         let names: Vec<&str> = cards.iter().filter_map(|card| card["name"].as_str()).collect();
         let grew = cards.len() == 3
@@ -197,10 +234,20 @@ fn the_live_page_shows_sources_scores_and_events_in_chromium() {
     let mut names: Vec<&str> = cards.iter().map(|card| card["name"].as_str().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["gate", "tour", "yard"]);
-    assert!(cards.iter().all(|card| ["online", "degraded", "offline"].contains(&card["status"].as_str().unwrap())), "{page:#}");
+    assert!(
+        cards.iter().all(|card| ["online", "degraded", "offline"].contains(&card["status"].as_str().unwrap())),
+        "{page:#}"
+    );
     let yard = cards.iter().find(|card| card["name"] == "yard").unwrap();
     assert_eq!(yard["status"], "online", "{page:#}");
-    assert!(yard["legend"].as_array().unwrap().iter().any(|item| item.as_str().unwrap().contains("ball_tone (threshold 0.60")), "{page:#}");
+    assert!(
+        yard["legend"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|item| item.as_str().unwrap().contains("ball_tone (threshold 0.60")),
+        "{page:#}"
+    );
     assert!(yard["meter"].as_str().unwrap().ends_with(" dBFS") && yard["meter"] != "– dBFS", "{page:#}");
     assert!(page["device"].as_str().is_some_and(|device| !device.is_empty()), "{page:#}");
     let (code, log) = daemon.stop();
@@ -238,7 +285,8 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 "#;
 
 fn python() -> PathBuf {
-    let python = std::env::var_os("MBT_PYTHON").expect("MBT_PYTHON: a python with prometheus_client (scripts/test.sh sets it)");
+    let python =
+        std::env::var_os("MBT_PYTHON").expect("MBT_PYTHON: a python with prometheus_client (scripts/test.sh sets it)");
     PathBuf::from(python)
 }
 
@@ -247,6 +295,7 @@ fn python() -> PathBuf {
 /// half second do not delay `/health`: every probe is answered within a second.
 #[test]
 fn metrics_parse_with_prometheus_and_health_answers_beside_slow_clients() {
+    let _turn = turn();
     let broker = Broker::start("");
     let dir = tempfile::tempdir().unwrap();
     let http = free_port();
@@ -271,13 +320,24 @@ fn metrics_parse_with_prometheus_and_health_answers_beside_slow_clients() {
         .unwrap();
     child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "prometheus_client refused /metrics: {}\n{body}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "prometheus_client refused /metrics: {}\n{body}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let parsed = String::from_utf8(output.stdout).unwrap();
     for (name, kind) in METRIC_NAMES {
-        assert!(parsed.lines().any(|line| line == format!("family {name} {kind}")), "{name} {kind} missing in\n{parsed}");
+        assert!(
+            parsed.lines().any(|line| line == format!("family {name} {kind}")),
+            "{name} {kind} missing in\n{parsed}"
+        );
     }
     let sample = |line: &str| parsed.lines().any(|parsed| parsed == line);
-    assert!(sample("sample mbt_edge_windows_built_total source=yard") || parsed.contains("sample mbt_edge_windows_built_total source=yard "), "{parsed}");
+    assert!(
+        sample("sample mbt_edge_windows_built_total source=yard")
+            || parsed.contains("sample mbt_edge_windows_built_total source=yard "),
+        "{parsed}"
+    );
     assert!(parsed.contains("sample mbt_edge_events_total label=ball_tone,source=yard "), "{parsed}");
     assert!(parsed.contains("sample mbt_edge_inference_latency_seconds_bucket le=+Inf "), "{parsed}");
 

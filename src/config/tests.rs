@@ -46,6 +46,49 @@ fn metrics_endpoint_defaults_to_loopback_and_can_be_moved_or_disabled() {
 }
 
 #[test]
+fn listening_beyond_loopback_needs_a_token_file_that_holds_a_token() {
+    check_err(
+        &format!("{BASE}\n[metrics]\nlisten = \"0.0.0.0:9464\"\n"),
+        6,
+        "metrics.listen",
+        "not a loopback address: set [metrics] token_file",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("token");
+    std::fs::write(&good, "0123456789abcdef-_.~XYZ\n").unwrap();
+    let settings = check_ok(&format!(
+        "{BASE}\n[metrics]\nlisten = \"0.0.0.0:9464\"\ntoken_file = {:?}\n",
+        good.display().to_string()
+    ));
+    assert_eq!(settings.metrics.token.as_deref(), Some("0123456789abcdef-_.~XYZ"));
+    // Loopback with a token: the token is required there too.
+    let settings = check_ok(&format!("{BASE}\n[metrics]\ntoken_file = {:?}\n", good.display().to_string()));
+    assert!(settings.metrics.token.is_some());
+    let short = dir.path().join("short");
+    std::fs::write(&short, "abc\n").unwrap();
+    check_err(
+        &format!("{BASE}\n[metrics]\ntoken_file = {:?}\n", short.display().to_string()),
+        6,
+        "metrics.token_file",
+        "must hold a token of at least 16 characters",
+    );
+    let spaced = dir.path().join("spaced");
+    std::fs::write(&spaced, "0123456789 abcdef ghij\n").unwrap();
+    check_err(
+        &format!("{BASE}\n[metrics]\ntoken_file = {:?}\n", spaced.display().to_string()),
+        6,
+        "metrics.token_file",
+        "A-Z a-z 0-9",
+    );
+    check_err(
+        &format!("{BASE}\n[metrics]\ntoken_file = \"/nonexistent/token\"\n"),
+        6,
+        "metrics.token_file",
+        "cannot read /nonexistent/token",
+    );
+}
+
+#[test]
 fn unknown_top_level_key() {
     check_err(&format!("{BASE}\n[windw]\nhop = 1\n"), 5, "windw", "unknown key `windw`");
 }

@@ -167,7 +167,6 @@ pub(super) fn events_loop(
     results: Receiver<ScoredWindow>,
     notices: Receiver<Notice>,
     state: &DaemonState,
-    live: Arc<Live>,
 ) {
     for (source, label, over) in controls.iter() {
         tracing::info!(source, label, enabled = ?over.enabled, threshold = ?over.threshold, "control from MQTT in force");
@@ -179,7 +178,7 @@ pub(super) fn events_loop(
         waiting: VecDeque::new(),
         last_attempt: Instant::now(),
         generation: 1,
-        live,
+        live: state.live.clone(),
     };
     let mut echoed_generation = 0;
     let mut results_open = true;

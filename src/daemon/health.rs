@@ -14,7 +14,7 @@ use crate::service::{
     SourceMetrics, Verdict,
 };
 use crate::telemetry;
-use crate::web::{Handlers, Live, SourceView, WebServer};
+use crate::web::{Handlers, SourceView, WebServer};
 
 /// Starts the HTTP server (page, API, metrics, health); a failure to bind is logged, not
 /// fatal (the daemon's job is events, not pages).
@@ -23,7 +23,6 @@ pub(super) fn start_web(
     token: Option<String>,
     state: &Arc<DaemonState>,
     queue: &WindowQueue,
-    live: &Arc<Live>,
     about: serde_json::Value,
 ) -> Option<WebServer> {
     let metrics_state = state.clone();
@@ -36,7 +35,7 @@ pub(super) fn start_web(
         sources: Arc::new(move || source_views(&sources_state)),
         about: Arc::new(move || about.clone()),
     };
-    match WebServer::start(address, token.clone(), handlers, live.clone()) {
+    match WebServer::start(address, token.clone(), handlers, state.live.clone()) {
         Ok(server) => {
             let page = if token.is_some() { " (token required)" } else { "" };
             tracing::info!(address = %server.local_addr(), "page at http://{}/{page}, metrics and health listening", server.local_addr());

@@ -25,7 +25,6 @@ use super::state::{DaemonState, READY_TIMEOUT};
 use crate::events::EventEngine;
 use crate::model::ModelRuntime;
 use crate::service::Notifier;
-use crate::web::Live;
 
 /// Status changes, finished sources and reloads waiting for the events thread: a few per
 /// source at a time; the window stage waits (briefly) rather than losing one.
@@ -62,15 +61,11 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let (notices_tx, notices) = bounded::<Notice>(NOTICES_CAPACITY);
     let engine = EventEngine::new(settings.events.clone(), model.metadata.labels.clone(), model.metadata.multi_label);
     let controls = Controls::load(&settings.state_dir);
-    let live = Live::new();
     let events_thread = {
         let state = state.clone();
-        let live = live.clone();
         std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || {
-                events::events_loop(engine, publisher, publish_config, controls, results, notices, &state, live)
-            })
+            .spawn(move || events::events_loop(engine, publisher, publish_config, controls, results, notices, &state))
             .map_err(Failure::other)?
     };
     let about = serde_json::json!({
@@ -83,7 +78,7 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let web = settings
         .metrics
         .listen
-        .and_then(|address| health::start_web(address, settings.metrics.token.clone(), &state, &queue, &live, about));
+        .and_then(|address| health::start_web(address, settings.metrics.token.clone(), &state, &queue, about));
 
     let mut sources = Sources::start(&prepared, &settings.sources, true).map_err(Failure::other)?;
     tracing::info!(sources = settings.sources.len(), "running");
@@ -152,14 +147,16 @@ pub fn run(config: &Path) -> Result<(), Failure> {
         let _ = health.join();
     }
     sources.stop();
+    // The HTTP server's handlers hold the queue too: stop it before the worker waits for the
+    // last handle.
+    if let Some(web) = web {
+        web.stop();
+    }
     // The worker finishes the windows in flight, then the events thread drains its results.
     drop(queue);
     let _ = worker.join();
     drop(notices_tx);
     let _ = events_thread.join();
-    if let Some(web) = web {
-        web.stop();
-    }
     tracing::info!("stopped");
     Ok(())
 }

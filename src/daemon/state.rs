@@ -1,11 +1,12 @@
 //! What the daemon's threads share: each source's last window and status, the publisher's
-//! gauges and the last health verdict. Written by the window stage and the events thread,
+//! gauges, the last health verdict and the page's live feed. Written by the window stage and the events thread,
 //! read by the health thread and the metrics endpoint.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::capture::SourceStatus;
+use crate::web::Live;
 
 /// What the health thread and the metrics endpoint read: each source's last window and
 /// status (in config order), the publisher's gauges and the last health verdict.
@@ -16,6 +17,8 @@ pub(super) struct DaemonState {
     pub(super) ready_since: Mutex<Instant>,
     pub(super) publisher: Mutex<PublisherGauges>,
     pub(super) health: Mutex<Result<(), String>>,
+    /// What the page shows as it happens: fed by the events thread, read by the HTTP server.
+    pub(super) live: Arc<Live>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +54,7 @@ impl DaemonState {
             ready_since: Mutex::new(Instant::now()),
             publisher: Mutex::new(PublisherGauges::default()),
             health: Mutex::new(Ok(())),
+            live: Live::new(),
         };
         state.set_sources(names);
         state

@@ -67,16 +67,16 @@ fn json_response(value: Value) -> Response {
 }
 
 /// Calls a daemon closure; a panic in it is a 500 for this request, never a dead server.
-fn guarded<T>(call: impl FnOnce() -> T) -> Result<T, Response> {
+fn guarded<T>(call: impl FnOnce() -> T) -> Result<T, Box<Response>> {
     catch_unwind(AssertUnwindSafe(call))
-        .map_err(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "internal error (logged by the daemon)\n"))
+        .map_err(|_| Box::new(text(StatusCode::INTERNAL_SERVER_ERROR, "internal error (logged by the daemon)\n")))
 }
 
 async fn health(State(state): State<AppState>) -> Response {
     match guarded(|| (state.handlers.health)()) {
         Ok(Ok(())) => text(StatusCode::OK, "ok\n"),
         Ok(Err(reason)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", one_line(&reason))),
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
@@ -87,7 +87,7 @@ fn one_line(text: &str) -> String {
 async fn metrics(State(state): State<AppState>) -> Response {
     match guarded(|| (state.handlers.metrics)()) {
         Ok(body) => ([(header::CONTENT_TYPE, crate::service::CONTENT_TYPE)], body).into_response(),
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
@@ -112,14 +112,14 @@ async fn index(Query(query): Query<TokenQuery>) -> Response {
 async fn about(State(state): State<AppState>) -> Response {
     match guarded(|| (state.handlers.about)()) {
         Ok(about) => json_response(about),
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
 async fn sources(State(state): State<AppState>) -> Response {
     let sources = match guarded(|| (state.handlers.sources)()) {
         Ok(sources) => sources,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let sources: Vec<Value> = sources
         .into_iter()
@@ -156,7 +156,7 @@ async fn scores(State(state): State<AppState>, Query(query): Query<ScoresQuery>)
         Some(source) => vec![source],
         None => match guarded(|| (state.handlers.sources)()) {
             Ok(sources) => sources.into_iter().map(|source| source.name).collect(),
-            Err(response) => return response,
+            Err(response) => return *response,
         },
     };
     let scores: serde_json::Map<String, Value> =
@@ -169,19 +169,14 @@ async fn scores(State(state): State<AppState>, Query(query): Query<ScoresQuery>)
 async fn stream(State(state): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let receiver = state.live.subscribe();
     let events = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        loop {
-            match receiver.recv().await {
-                Ok(message) => {
-                    let event = Event::default().event(message.kind).data(&*message.data);
-                    return Some((Ok(event), receiver));
-                }
-                Err(RecvError::Lagged(skipped)) => {
-                    let event = Event::default().event("lagged").data(json!({ "skipped": skipped }).to_string());
-                    return Some((Ok(event), receiver));
-                }
-                Err(RecvError::Closed) => return None,
+        let event = match receiver.recv().await {
+            Ok(message) => Event::default().event(message.kind).data(&*message.data),
+            Err(RecvError::Lagged(skipped)) => {
+                Event::default().event("lagged").data(json!({ "skipped": skipped }).to_string())
             }
-        }
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event), receiver))
     });
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
