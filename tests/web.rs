@@ -37,6 +37,25 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The daemon on the bundled config with its broker and HTTP port.
+struct Demo {
+    _broker: Broker,
+    _dir: tempfile::TempDir,
+    http: u16,
+    daemon: Daemon,
+}
+
+impl Demo {
+    fn start() -> Demo {
+        let broker = Broker::start("");
+        let dir = tempfile::tempdir().unwrap();
+        let http = free_port();
+        let daemon = Daemon::start(&demo_config(dir.path(), broker.port, http), "run");
+        wait_for_http(http, &daemon);
+        Demo { _broker: broker, _dir: dir, http, daemon }
+    }
+}
+
 fn wait_for_http(http: u16, daemon: &Daemon) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while http_get(http, "/health").is_err() {
@@ -192,11 +211,8 @@ return { cards, events, connection: document.querySelector("#connection").textCo
 #[test]
 fn the_live_page_shows_sources_scores_and_events_in_chromium() {
     let _turn = turn();
-    let broker = Broker::start("");
-    let dir = tempfile::tempdir().unwrap();
-    let http = free_port();
-    let daemon = Daemon::start(&demo_config(dir.path(), broker.port, http), "run");
-    wait_for_http(http, &daemon);
+    let demo = Demo::start();
+    let http = demo.http;
     let browser = Browser::start();
     browser.open(&format!("http://127.0.0.1:{http}/"));
 
@@ -224,7 +240,7 @@ fn the_live_page_shows_sources_scores_and_events_in_chromium() {
         if names.len() == 3 && grew && yard_started && legends && page["connection"] == "live" {
             break page;
         }
-        assert!(Instant::now() < deadline, "the page never showed it all: {page:#}\nlog:\n{}", daemon.log());
+        assert!(Instant::now() < deadline, "the page never showed it all: {page:#}\nlog:\n{}", demo.daemon.log());
         std::thread::sleep(Duration::from_millis(500));
     };
     let screenshot = repo().join("target/web-page.png");
@@ -250,7 +266,7 @@ fn the_live_page_shows_sources_scores_and_events_in_chromium() {
     );
     assert!(yard["meter"].as_str().unwrap().ends_with(" dBFS") && yard["meter"] != "– dBFS", "{page:#}");
     assert!(page["device"].as_str().is_some_and(|device| !device.is_empty()), "{page:#}");
-    let (code, log) = daemon.stop();
+    let (code, log) = demo.daemon.stop();
     assert_eq!(code, Some(0), "{log}");
 }
 
@@ -296,11 +312,8 @@ fn python() -> PathBuf {
 #[test]
 fn metrics_parse_with_prometheus_and_health_answers_beside_slow_clients() {
     let _turn = turn();
-    let broker = Broker::start("");
-    let dir = tempfile::tempdir().unwrap();
-    let http = free_port();
-    let daemon = Daemon::start(&demo_config(dir.path(), broker.port, http), "run");
-    wait_for_http(http, &daemon);
+    let demo = Demo::start();
+    let http = demo.http;
     // Some windows and an event first, so the families have samples.
     let deadline = Instant::now() + Duration::from_secs(60);
     let body = loop {
@@ -308,7 +321,7 @@ fn metrics_parse_with_prometheus_and_health_answers_beside_slow_clients() {
         if common::metric(&body, "mbt_edge_events_total", "source=\"yard\",label=\"ball_tone\"").is_some() {
             break body;
         }
-        assert!(Instant::now() < deadline, "no event counted: {body}\nlog:\n{}", daemon.log());
+        assert!(Instant::now() < deadline, "no event counted: {body}\nlog:\n{}", demo.daemon.log());
         std::thread::sleep(Duration::from_millis(500));
     };
     let mut child = Command::new(python())
@@ -371,6 +384,6 @@ fn metrics_parse_with_prometheus_and_health_answers_beside_slow_clients() {
     for client in trickling {
         client.join().unwrap();
     }
-    let (code, log) = daemon.stop();
+    let (code, log) = demo.daemon.stop();
     assert_eq!(code, Some(0), "{log}");
 }
