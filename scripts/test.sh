@@ -21,6 +21,17 @@ if ! cmp -s models/requirements-ci.txt "$VENV/requirements-ci.txt"; then
 fi
 export MBT_PYTHON="$PWD/$VENV/bin/python"
 
+echo "== rust: GStreamer API level 1.20 (JetPack 6 and Ubuntu 22.04 have GStreamer 1.20.3)"
+# The gstreamer crates compile only the calls of the API level their v1_* features name
+# (Cargo.toml asks for v1_20), so every build here is the 1.20 build; this fails when any crate
+# in the graph raises a gstreamer crate above it.
+levels=$(cargo tree --locked -e normal -f '{p} {f}' --prefix none | grep -E '^gstreamer' | sed 's/ (\*)$//' | sort -u)
+echo "$levels"
+if grep -E 'v1_(2[2-9]|[3-9][0-9])' <<<"$levels"; then
+    echo "a gstreamer crate is built above the 1.20 API level (above)" >&2
+    exit 1
+fi
+
 echo "== rust: format and lints"
 cargo fmt --check
 cargo clippy --release --all-targets --locked -- -D warnings
