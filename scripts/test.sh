@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: system packages, Rust build and tests, lints, the systemd unit, the
-# Debian package, the CUDA build, the Python model tests.
+# Debian package, the CUDA build, the Python model tests, and aarch64: cross builds, the arm64
+# package and the model, feature and classify tests under qemu-user (scripts/test-aarch64.sh).
 # Usage: scripts/test.sh   (from anywhere; CI runs it through .ci/run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install-deps.sh
+scripts/install-deps.sh --aarch64
 export PATH="$HOME/.cargo/bin:$PATH"
 
 echo "== python: the model tests' environment (models/requirements-ci.txt: torch, tract, onnxruntime, ...)"
@@ -48,6 +49,11 @@ scripts/check-unit.sh
 
 echo "== Debian package"
 scripts/build-deb.sh
+
+echo "== aarch64: cross builds (plain, cuda-12, cuda), the arm64 package, tests under qemu-user"
+# Before the GPU build below, which replaces target/release/mbt-edge: the classify comparison
+# runs the x86 binary the tests above built.
+scripts/test-aarch64.sh
 
 echo "== GPU build (tract-cuda loads CUDA at run time: builds without a GPU)"
 cargo build --release --locked --features cuda
