@@ -10,7 +10,8 @@
 #   scripts/install-deps.sh --aarch64, the x86 release binary target/release/mbt-edge, and
 #   MBT_PYTHON for the log-mel parity test)
 # Output: target/aarch64-unknown-linux-gnu/release/mbt-edge (the cuda build, built last),
-#   target/debian/mbt-edge_<version>-1_arm64.deb (the plain build, the one tested),
+#   target/debian/mbt-edge_<version>-1_arm64.deb (the plain build, the one tested) and the
+#   same under target/debian/cuda-12/ and target/debian/cuda/,
 #   target/aarch64/ (the classify outputs of both architectures).
 #
 # The cross settings: scripts/aarch64-env.sh.
@@ -98,5 +99,8 @@ for feature in cuda-12 cuda; do
   step "cross build with --features $feature (JetPack $([ "$feature" = cuda-12 ] && echo 6 || echo 7))"
   cargo build --release --locked --target "$target" --features "$feature"
   file "$bin" | grep -q "ARM aarch64"
+  # Packaged as docs/install.md tells a Jetson user to (beside the plain one, not over it).
+  OUT_DIR="target/debian/$feature" MBT_EDGE_BIN="$bin" scripts/build-deb.sh > "$out/deb-$feature.txt"
+  sed -n 's/^build-deb: //p' "$out/deb-$feature.txt"
   done_step
 done
