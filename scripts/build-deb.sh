@@ -12,6 +12,8 @@
 #                 target/aarch64-unknown-linux-gnu/release/mbt-edge). The Debian
 #                 architecture is read from its ELF header.
 #   OUT_DIR       where the .deb goes (default target/debian).
+#
+# Fails when the binary links a glibc symbol version newer than the libc6 floor of Depends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +34,7 @@ mkdir -p "$staging/DEBIAN"
 
 # Stages the assets and writes DEBIAN/; prints the .deb's file name.
 deb_name=$(python3 - "$bin" "$staging" <<'PYEOF'
-import glob, hashlib, os, shutil, subprocess, sys, textwrap, tomllib
+import glob, hashlib, os, re, shutil, subprocess, sys, textwrap, tomllib
 
 bin_path, staging = sys.argv[1], sys.argv[2]
 with open("Cargo.toml", "rb") as f:
@@ -62,6 +64,16 @@ host_arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True
 
 name = package["name"]
 version = package["version"] + "-" + str(meta.get("revision", "1"))
+
+# The Depends' glibc floor must cover the newest glibc symbol version the binary links (a
+# binary built on a newer glibc than the floor's would fail to start there). readelf reads
+# any architecture's ELF.
+symbol_versions = subprocess.run(["readelf", "-V", "--wide", bin_path], capture_output=True, text=True, check=True).stdout
+needed = max((tuple(map(int, v.split("."))) for v in re.findall(r"GLIBC_([0-9.]+)", symbol_versions)), default=(2, 17))
+floor = re.search(r"libc6 \(>= ([0-9.]+)\)", meta.get("depends", ""))
+if floor is None or tuple(map(int, floor.group(1).split("."))) < needed:
+    fail(f"{bin_path} needs glibc {'.'.join(map(str, needed))}; Depends says {floor.group(0) if floor else 'no libc6 floor'} ({source})")
+print(f"build-deb: {bin_path} needs glibc {'.'.join(map(str, needed))} (Depends: {floor.group(0)})", file=sys.stderr)
 
 def strip(path):
     # Debug symbols make the binary ~50 MB; cargo-deb strips too. A foreign binary needs that

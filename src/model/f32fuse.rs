@@ -121,6 +121,7 @@ impl RowOp {
     }
 
     fn run_rows(&self, data: &mut [f32], n: usize) {
+        #[cfg(target_arch = "x86_64")]
         let kernel = checked(self.kernel);
         #[cfg(target_arch = "x86_64")]
         if kernel == Kernel::Avx512 {
@@ -466,6 +467,7 @@ mod avx512 {
 /// Columns per packed panel of weights: two zmm registers.
 const PANEL: usize = 32;
 /// Rows of the input per micro-kernel call: 12 rows x 2 registers = 24 accumulators.
+#[cfg(target_arch = "x86_64")]
 const MR: usize = 12;
 
 /// `[k][n]` f32 weights packed in panels of [`PANEL`] columns: panel `p` holds `k` rows of

@@ -48,6 +48,8 @@ struct Weights {
     n: usize,
     /// Row-major `[k][n]`, for the portable path.
     plain: Vec<i8>,
+    /// The AMX tiles (x86-64 only; elsewhere the portable path reads `plain`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     packed: Vec<i8>,
     /// Zero point of the input times the column sums of the weights.
     zp_colsum: Vec<i32>,
@@ -341,10 +343,12 @@ thread_local! {
     static QUANTISED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct Block([i32; N_BLOCK * N_BLOCK]);
 
 /// `ldtilecfg` operand: palette 1, tiles 0-7 of 16 rows x 64 bytes.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -355,6 +359,7 @@ struct TileConfig {
     reserved2: [u8; 16],
 }
 
+#[cfg(target_arch = "x86_64")]
 impl TileConfig {
     fn new() -> TileConfig {
         let mut config = TileConfig {
