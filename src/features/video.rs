@@ -133,15 +133,7 @@ mod tests {
 
     #[test]
     fn normalisation_per_channel() {
-        let recipe = VideoRecipe {
-            frames: 1,
-            height: 1,
-            width: 1,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-            span_seconds: None,
-            span_position: None,
-        };
+        let recipe = VideoRecipe { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], ..recipe(1, 1, 1) };
         let frames = [frame(1, 1, vec![0, 128, 255])];
         let expected = [(0.0 - 0.485) / 0.229, (128.0 / 255.0 - 0.456) / 0.224, (1.0 - 0.406) / 0.225];
         check(&frames, &recipe, &expected);
@@ -151,15 +143,7 @@ mod tests {
 
     #[test]
     fn wrong_sized_and_missing_frames_are_black() {
-        let recipe = VideoRecipe {
-            frames: 3,
-            height: 1,
-            width: 2,
-            mean: [0.5, 0.25, 0.0],
-            std: [0.5, 0.5, 1.0],
-            span_seconds: None,
-            span_position: None,
-        };
+        let recipe = VideoRecipe { mean: [0.5, 0.25, 0.0], std: [0.5, 0.5, 1.0], ..recipe(3, 2, 1) };
         let black = [-1.0, -1.0, -0.5, -0.5, 0.0, 0.0];
         let white = [1.0, 1.0, 1.5, 1.5, 1.0, 1.0];
         // A 0x0 gap-fill frame, a real white frame, then nothing.
