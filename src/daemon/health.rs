@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::infer::WindowQueue;
-use super::state::{DaemonState, describe_sources, lock};
+use super::state::{DaemonState, SourceState, describe_sources, lock};
 use crate::service::{
     EventCount, Health, HealthInput, HealthSettings, LatencyHistogram, MetricsSnapshot, Notifier, SourceActivity,
     SourceMetrics, Verdict,
@@ -48,49 +48,48 @@ pub(super) fn start_web(
     }
 }
 
-/// Each source as `/api/sources` shows it.
-fn source_views(state: &DaemonState) -> Vec<SourceView> {
+/// One value per configured source (config order), made from its state, its telemetry
+/// counters and their rates now: what `/api/sources` and `/metrics` both read.
+fn per_source<T>(
+    state: &DaemonState,
+    make: impl Fn(&SourceState, &telemetry::SourceCounters, (f64, f64), Instant) -> T,
+) -> Vec<T> {
     let counters = telemetry::snapshot();
     let now = Instant::now();
     lock(&state.sources)
         .iter()
         .map(|source| {
             let counters = counters.get(&source.name).cloned().unwrap_or_default();
-            let (video_fps, audio_rate_hz) = counters.rates_at(now);
-            SourceView {
-                name: source.name.clone(),
-                status: source.status.as_str().to_owned(),
-                restarts: counters.restarts,
-                windows_built: counters.windows_built,
-                windows_dropped: counters.windows_dropped,
-                video_fps,
-                audio_rate_hz,
-                last_window_age_seconds: source.last_window.map(|at| now.duration_since(at).as_secs_f64()),
-            }
+            make(source, &counters, counters.rates_at(now), now)
         })
         .collect()
 }
 
+/// Each source as `/api/sources` shows it.
+fn source_views(state: &DaemonState) -> Vec<SourceView> {
+    per_source(state, |source, counters, (video_fps, audio_rate_hz), now| SourceView {
+        name: source.name.clone(),
+        status: source.status.as_str().to_owned(),
+        restarts: counters.restarts,
+        windows_built: counters.windows_built,
+        windows_dropped: counters.windows_dropped,
+        video_fps,
+        audio_rate_hz,
+        last_window_age_seconds: source.last_window.map(|at| now.duration_since(at).as_secs_f64()),
+    })
+}
+
 /// Everything `/metrics` shows, read from telemetry and the daemon's state.
 fn metrics_snapshot(state: &DaemonState, queue: &WindowQueue) -> MetricsSnapshot {
-    let counters = telemetry::snapshot();
-    let now = Instant::now();
-    let sources = lock(&state.sources)
-        .iter()
-        .map(|source| {
-            let counters = counters.get(&source.name).cloned().unwrap_or_default();
-            let (video_fps, audio_rate_hz) = counters.rates_at(now);
-            SourceMetrics {
-                source: source.name.clone(),
-                video_fps,
-                audio_rate_hz,
-                av_skew_seconds: counters.last_av_skew_seconds,
-                windows_built: counters.windows_built,
-                windows_dropped: counters.windows_dropped,
-                restarts: counters.restarts,
-            }
-        })
-        .collect();
+    let sources = per_source(state, |source, counters, (video_fps, audio_rate_hz), _| SourceMetrics {
+        source: source.name.clone(),
+        video_fps,
+        audio_rate_hz,
+        av_skew_seconds: counters.last_av_skew_seconds,
+        windows_built: counters.windows_built,
+        windows_dropped: counters.windows_dropped,
+        restarts: counters.restarts,
+    });
     let inference = telemetry::inference();
     let publisher = lock(&state.publisher).clone();
     MetricsSnapshot {
