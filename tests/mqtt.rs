@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use common::{Broker, TinyDisk, free_port, schema_path, validate};
 use mbt_edge::events::{Event, EventEngine, EventIdGenerator, EventSettings, LabelSettings, WindowScores};
 use mbt_edge::publish::BrokerUrl;
+use mbt_edge::publish::payload;
 use mbt_edge::publish::spool::Spool;
 use mbt_edge::publish::{ModelInfo, MqttSettings, Publisher, PublisherInfo, SourceStatus, SpoolSettings};
 use serde_json::Value;
@@ -257,18 +258,16 @@ fn events_arrive_on_contract_topics_in_order_and_match_the_schema() {
     for event in &events {
         publisher.publish_event(event).unwrap();
     }
-    publisher.publish_scores(
-        &WindowScores {
-            source: SOURCE.to_owned(),
-            window_start: OffsetDateTime::now_utc() - Duration::from_secs(8),
-            window_end: OffsetDateTime::now_utc(),
-            fused: vec![0.2, 0.7],
-            audio: None,
-            video: None,
-            degraded: None,
-        },
-        Some(-20.0),
-    );
+    let scores = WindowScores {
+        source: SOURCE.to_owned(),
+        window_start: OffsetDateTime::now_utc() - Duration::from_secs(8),
+        window_end: OffsetDateTime::now_utc(),
+        fused: vec![0.2, 0.7],
+        audio: None,
+        video: None,
+        degraded: None,
+    };
+    publisher.publish_scores(SOURCE, payload::scores_message(&scores, &labels(), Some(-20.0)));
     collector.wait_for("all events", Duration::from_secs(10), |c| c.events().len() >= events.len());
     assert!(publisher.wait_until_flushed(Duration::from_secs(5)), "spool drained by PUBACKs");
 

@@ -205,7 +205,7 @@ pub(super) fn events_loop(
                     let message = publish::payload::scores_message(&scores, &slot.config.info.labels, scored.sound_dbfs);
                     slot.live.scores(&scores.source, &message);
                     if let Some(publisher) = &slot.publisher {
-                        publisher.publish_scores(&scores, scored.sound_dbfs);
+                        publisher.publish_scores(&scores.source, message);
                         if let Some(dbfs) = scored.sound_dbfs {
                             publisher.publish_sound_level(&scores.source, dbfs);
                         }

@@ -42,7 +42,7 @@ use super::spool::{Spool, SpoolError, SpoolStats};
 use super::telemetry::{PublishCounters, PublishStats};
 pub use crate::capture::SourceStatus;
 use crate::delivery::{MqttSettings, SpoolSettings};
-use crate::events::{Event, EventKind, WindowScores};
+use crate::events::{Event, EventKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -65,7 +65,6 @@ pub struct Publisher {
     counters: Arc<PublishCounters>,
     device_id: String,
     model: ModelInfo,
-    labels: Vec<String>,
     publish_scores: bool,
     topics: Topics,
     threads: Vec<JoinHandle<()>>,
@@ -151,7 +150,6 @@ impl Publisher {
             counters,
             device_id: settings.device_id,
             model: info.model,
-            labels: info.labels,
             publish_scores: settings.publish_scores,
             topics,
             threads: vec![worker_thread, conn_thread],
@@ -215,14 +213,15 @@ impl Publisher {
         }));
     }
 
-    /// Publishes a window's top scores and sound level (QoS 0) when `mqtt.publish_scores` is on.
-    pub fn publish_scores(&self, scores: &WindowScores, sound_dbfs: Option<f32>) {
+    /// Publishes a window's scores message (`payload::scores_message`: top scores and sound
+    /// level) on `source`'s scores topic (QoS 0) when `mqtt.publish_scores` is on. The caller
+    /// builds it once for MQTT and the page alike.
+    pub fn publish_scores(&self, source: &str, message: Vec<u8>) {
         if !self.publish_scores {
             return;
         }
-        let message = payload::scores_message(scores, &self.labels, sound_dbfs);
         let _ = self.commands.send(Message::Outgoing(OutMessage {
-            topic: self.topics.scores(&scores.source),
+            topic: self.topics.scores(source),
             qos: QoS::AtMostOnce,
             retain: false,
             payload: message,
