@@ -171,10 +171,5 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, mut s
     }
 }
 
-/// Whether `address` is a loopback one (no token needed to listen there).
-pub fn is_loopback(address: &SocketAddr) -> bool {
-    address.ip().is_loopback()
-}
-
 #[cfg(test)]
 mod tests;

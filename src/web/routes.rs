@@ -96,12 +96,14 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-async fn index(Query(query): Query<TokenQuery>) -> Response {
+async fn index(State(state): State<AppState>, Query(query): Query<TokenQuery>) -> Response {
     let mut response =
         ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], INDEX_HTML)
             .into_response();
     // Opened with `?token=` (checked already): the page's own requests carry it as a cookie.
-    if let Some(token) = query.token
+    // Without a token configured there is nothing to keep.
+    if state.token.is_some()
+        && let Some(token) = query.token
         && let Ok(cookie) = HeaderValue::from_str(&format!("{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"))
     {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
