@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod delivery;
 pub mod events;
+pub mod evidence;
 pub mod features;
 pub mod media;
 pub mod model;

@@ -88,3 +88,25 @@ pub enum Modality {
     Video,
     Audio,
 }
+
+/// What a source's evidence branch hands to the evidence store: a JPEG still, an access unit
+/// of the camera's own H.264, or a copy of the audio the model hears. Stamped in UTC (the
+/// pipeline's running time plus the incarnation's UTC origin), so the store can cut any
+/// span without knowing incarnations.
+#[derive(Debug, Clone)]
+pub struct EvidenceMedia {
+    pub source: std::sync::Arc<str>,
+    pub utc: time::OffsetDateTime,
+    pub kind: EvidenceKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum EvidenceKind {
+    /// A JPEG at the source's `snapshot_width`.
+    Jpeg(std::sync::Arc<Vec<u8>>),
+    /// One H.264 access unit, byte-stream with the parameter sets before every keyframe.
+    /// `dts_before_pts` is how far its decode time lies before `utc` (B-frames).
+    H264 { data: Vec<u8>, keyframe: bool, dts_before_pts: Duration },
+    /// Mono f32 samples at `rate`.
+    Audio { samples: Vec<f32>, rate: u32 },
+}

@@ -206,6 +206,83 @@ pub fn events_started() -> BTreeMap<(String, String), u64> {
     EVENTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
 }
 
+/// Evidence totals (snapshots, clips, retention), and what the evidence folder holds now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvidenceCounters {
+    pub snapshots: u64,
+    pub clips: u64,
+    /// Snapshots and clips that could not be written (full disk, writer busy, no media).
+    pub failed: u64,
+    /// Files deleted by retention (`max_bytes`, `max_age`), oldest first.
+    pub deleted: u64,
+    pub deleted_bytes: u64,
+    /// Media the evidence store was too busy to take.
+    pub media_dropped: u64,
+    /// What the evidence folder holds, as of the last scan.
+    pub files: u64,
+    pub bytes: u64,
+    /// Memory the sources' evidence rings hold.
+    pub ring_bytes: u64,
+}
+
+static EVIDENCE: Mutex<EvidenceCounters> = Mutex::new(EvidenceCounters {
+    snapshots: 0,
+    clips: 0,
+    failed: 0,
+    deleted: 0,
+    deleted_bytes: 0,
+    media_dropped: 0,
+    files: 0,
+    bytes: 0,
+    ring_bytes: 0,
+});
+
+fn with_evidence(update: impl FnOnce(&mut EvidenceCounters)) {
+    update(&mut EVIDENCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+}
+
+/// A copy of the evidence totals.
+pub fn evidence() -> EvidenceCounters {
+    *EVIDENCE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn evidence_media_dropped(source: &str) {
+    tracing::debug!(source, "evidence media dropped: the evidence store is behind");
+    with_evidence(|counters| counters.media_dropped += 1);
+}
+
+pub fn evidence_written(source: &str, what: &str, path: &std::path::Path, bytes: u64) {
+    tracing::info!(source, what, path = %path.display(), bytes, "evidence written");
+    with_evidence(|counters| match what {
+        "snapshot" => counters.snapshots += 1,
+        _ => counters.clips += 1,
+    });
+}
+
+pub fn evidence_failed(source: &str, what: &str, reason: &str) {
+    tracing::warn!(source, what, reason, "evidence not written; the event goes out without it");
+    with_evidence(|counters| counters.failed += 1);
+}
+
+pub fn evidence_deleted(path: &std::path::Path, bytes: u64, why: &str) {
+    tracing::info!(path = %path.display(), bytes, why, "evidence deleted by retention");
+    with_evidence(|counters| {
+        counters.deleted += 1;
+        counters.deleted_bytes += bytes;
+    });
+}
+
+pub fn evidence_rings(bytes: u64) {
+    with_evidence(|counters| counters.ring_bytes = bytes);
+}
+
+pub fn evidence_held(files: u64, bytes: u64) {
+    with_evidence(|counters| {
+        counters.files = files;
+        counters.bytes = bytes;
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

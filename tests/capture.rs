@@ -62,8 +62,8 @@ fn drive(
 ) -> (Run, capture::SourceHandle) {
     let live = source.kind.is_live();
     let (sender, receiver) = bounded(256);
-    let options = CaptureOptions { format: format(), mode: SinkMode { sync: false }, lossless: !live };
-    let handle = capture::spawn(0, source.clone(), options, sender).expect("spawn");
+    let options = CaptureOptions { format: format(), mode: SinkMode { sync: false }, lossless: !live, evidence: None };
+    let handle = capture::spawn(0, source.clone(), options, sender, None).expect("spawn");
     let mut stage = WindowStage::new(vec![(source.name.clone(), settings, live)]);
     let mut run = Run { windows: Vec::new(), statuses: Vec::new(), finished: false, failed: None };
     let start = Instant::now();
@@ -271,8 +271,8 @@ fn live_source_that_ends_is_restarted() {
 #[test]
 fn clean_stop_reports_offline_and_sends_nothing_after() {
     let (sender, receiver) = bounded(4096);
-    let options = CaptureOptions { format: format(), mode: SinkMode { sync: false }, lossless: false };
-    let handle = capture::spawn(0, live_source(""), options, sender).expect("spawn");
+    let options = CaptureOptions { format: format(), mode: SinkMode { sync: false }, lossless: false, evidence: None };
+    let handle = capture::spawn(0, live_source(""), options, sender, None).expect("spawn");
     // Wait for data, then stop.
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {

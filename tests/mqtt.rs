@@ -148,6 +148,7 @@ fn publisher_info() -> PublisherInfo {
         labels: labels(),
         enabled_labels: labels(),
         audio_sources: vec![SOURCE.to_owned()],
+        snapshot_sources: vec![SOURCE.to_owned()],
         model: ModelInfo { name: "mbt-test".to_owned(), sha256: "0".repeat(64) },
     }
 }
@@ -256,7 +257,7 @@ fn events_arrive_on_contract_topics_in_order_and_match_the_schema() {
     let mut source = EventSource::new();
     let events = source.take(30);
     for event in &events {
-        publisher.publish_event(event).unwrap();
+        publisher.publish_event(event, None).unwrap();
     }
     let scores = WindowScores {
         source: SOURCE.to_owned(),
@@ -334,7 +335,7 @@ fn qos0_events_leave_the_spool_once_written() {
     wait_connected(&publisher);
     let events = EventSource::new().take(20);
     for event in &events {
-        publisher.publish_event(event).unwrap();
+        publisher.publish_event(event, None).unwrap();
     }
     assert!(publisher.wait_until_flushed(Duration::from_secs(5)));
     collector.wait_for("every event", Duration::from_secs(5), |c| c.events().len() >= events.len());
@@ -359,7 +360,7 @@ fn broker_outage_of_20s_loses_nothing_and_replays_in_order() {
         let mut seqs = Vec::new();
         while Instant::now() < deadline {
             for event in source.next_window() {
-                seqs.push(publisher.publish_event(&event).unwrap());
+                seqs.push(publisher.publish_event(&event, None).unwrap());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -418,7 +419,7 @@ fn child_publisher(port: String) {
     let mut source = EventSource::new();
     let mut seqs = Vec::new();
     for event in source.take(n) {
-        seqs.push(publisher.publish_event(&event).unwrap());
+        seqs.push(publisher.publish_event(&event, None).unwrap());
     }
     let marker = spool_dir.join("child-spooled");
     std::fs::write(&marker, format!("{}", seqs.len())).unwrap();
@@ -476,7 +477,7 @@ fn sigkill_while_broker_down_loses_nothing() {
     assert!(delivered.iter().all(|e| e["replayed"] == true));
     // seq keeps increasing in the new process.
     let mut source = EventSource::new();
-    let next = publisher.publish_event(&source.take(1)[0]).unwrap();
+    let next = publisher.publish_event(&source.take(1)[0], None).unwrap();
     assert_eq!(next, n_events as u64 + 1);
     publisher.shutdown(Duration::from_secs(5));
 }
@@ -491,7 +492,7 @@ fn half_written_record_after_a_crash_is_skipped() {
         let publisher =
             Publisher::start(mqtt_settings(free_port()), spool_settings(spool_dir.path()), publisher_info()).unwrap();
         for event in EventSource::new().take(3) {
-            publisher.publish_event(&event).unwrap();
+            publisher.publish_event(&event, None).unwrap();
         }
         publisher.shutdown(Duration::ZERO);
     }
@@ -588,7 +589,7 @@ fn tls_client_cert_and_password_wrong_password_and_unknown_ca_are_refused() {
         let publisher =
             Publisher::start(tls_settings(password, ca), spool_settings(spool_dir.path()), publisher_info()).unwrap();
         for event in source.take(5) {
-            publisher.publish_event(&event).unwrap();
+            publisher.publish_event(&event, None).unwrap();
             n_events += 1;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -706,7 +707,7 @@ fn a_burst_of_events_is_delivered_live_and_replayed_and_its_rate_reported() {
     wait_connected(&publisher);
     let started = Instant::now();
     for event in &events {
-        publisher.publish_event(event).unwrap();
+        publisher.publish_event(event, None).unwrap();
     }
     assert!(publisher.wait_until_flushed(Duration::from_secs(120)));
     let live = started.elapsed();
@@ -724,7 +725,7 @@ fn a_burst_of_events_is_delivered_live_and_replayed_and_its_rate_reported() {
         let offline =
             Publisher::start(mqtt_settings(free_port()), spool_settings(dir.path()), publisher_info()).unwrap();
         for event in &events {
-            offline.publish_event(event).unwrap();
+            offline.publish_event(event, None).unwrap();
         }
         offline.shutdown(Duration::ZERO);
     }

@@ -270,7 +270,7 @@ fn the_live_page_shows_sources_scores_and_events_in_chromium() {
     assert_eq!(code, Some(0), "{log}");
 }
 
-/// Every metric name of the hand-written exporter this one replaced.
+/// Every metric name of the hand-written exporter this one replaced, and the evidence ones.
 const METRIC_NAMES: &[(&str, &str)] = &[
     ("mbt_edge_source_video_fps", "gauge"),
     ("mbt_edge_source_audio_rate_hz", "gauge"),
@@ -287,6 +287,11 @@ const METRIC_NAMES: &[(&str, &str)] = &[
     ("mbt_edge_spool_bytes", "gauge"),
     ("mbt_edge_spool_unwritable", "gauge"),
     ("mbt_edge_spool_unwritten_events", "gauge"),
+    ("mbt_edge_evidence_written", "counter"),
+    ("mbt_edge_evidence_failed", "counter"),
+    ("mbt_edge_evidence_deleted", "counter"),
+    ("mbt_edge_evidence_files", "gauge"),
+    ("mbt_edge_evidence_bytes", "gauge"),
 ];
 
 /// Parses `text` with `prometheus_client.parser` and prints `name type sample value` lines.

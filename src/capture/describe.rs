@@ -13,6 +13,16 @@ pub struct CaptureFormat {
     pub audio: Option<u32>,
 }
 
+/// The evidence branch of a source: JPEG stills (and, for RTSP with `copy`, the camera's
+/// H.264) for snapshots and clips. `None` when the source keeps no evidence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvidenceFormat {
+    pub width: u32,
+    pub fps: u32,
+    /// rtsp: keep the camera's H.264 access units (no decode, no encode).
+    pub copy: bool,
+}
+
 /// How the appsinks behave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SinkMode {
@@ -23,12 +33,29 @@ pub struct SinkMode {
 /// The appsink element names.
 pub const VIDEO_SINK: &str = "video";
 pub const AUDIO_SINK: &str = "audio";
+/// The evidence branch's appsinks: JPEG stills and the camera's H.264.
+pub const JPEG_SINK: &str = "evidence_jpeg";
+pub const H264_SINK: &str = "evidence_h264";
 
 /// The full pipeline description for `source`.
-pub fn describe(source: &SourceSettings, format: CaptureFormat, mode: SinkMode) -> String {
+pub fn describe(
+    source: &SourceSettings,
+    format: CaptureFormat,
+    mode: SinkMode,
+    evidence: Option<EvidenceFormat>,
+) -> String {
     let video = if source.video { format.video } else { None };
     let audio = if source.audio { format.audio } else { None };
-    let video_tail = video.map(|(width, height)| video_tail(width, height, source.max_fps, mode));
+    // With evidence, decoded video goes through a tee: one side to the model's frame size,
+    // the other to JPEG stills at a size people can see, a few a second, never blocking the
+    // model's side (a leaky queue of its own).
+    let video_tail = video.map(|(width, height)| {
+        let tail = video_tail(width, height, source.max_fps, mode);
+        match evidence {
+            Some(evidence) => format!("tee name=evt  evt. ! {tail}  evt. ! {}", jpeg_tail(evidence)),
+            None => tail,
+        }
+    });
     let audio_tail = audio.map(|rate| audio_tail(rate, mode));
     let mut branches: Vec<String> = Vec::new();
     match &source.kind {
@@ -68,8 +95,21 @@ pub fn describe(source: &SourceSettings, format: CaptureFormat, mode: SinkMode) 
                 quote(url),
                 latency.as_millis()
             ));
-            if let Some(tail) = &video_tail {
-                branches.push(format!("src. ! application/x-rtp,media=video ! decodebin ! {tail}"));
+            match (&video_tail, evidence) {
+                (Some(tail), Some(evidence)) if evidence.copy => {
+                    // The camera's H.264 is kept as it comes (depayloaded and parsed only).
+                    branches.push(format!(
+                        "src. ! application/x-rtp,media=video ! tee name=rtpv  rtpv. ! queue ! decodebin ! {tail}  \
+                         rtpv. ! queue max-size-buffers=0 max-size-bytes=0 max-size-time=2000000000 leaky=downstream ! \
+                         rtph264depay ! h264parse config-interval=-1 ! \
+                         video/x-h264,stream-format=byte-stream,alignment=au ! \
+                         appsink name={H264_SINK} sync=false max-buffers=64 drop=true enable-last-sample=false"
+                    ));
+                }
+                (Some(tail), _) => {
+                    branches.push(format!("src. ! application/x-rtp,media=video ! decodebin ! {tail}"));
+                }
+                (None, _) => {}
             }
             if let Some(tail) = &audio_tail {
                 branches.push(format!("src. ! application/x-rtp,media=audio ! decodebin ! {tail}"));
@@ -103,6 +143,16 @@ fn video_tail(width: u32, height: u32, max_fps: Option<u32>, mode: SinkMode) -> 
          video/x-raw,format=RGB,width={width},height={height} ! \
          appsink name={VIDEO_SINK} sync={} max-buffers=4 drop=false enable-last-sample=false",
         mode.sync
+    )
+}
+
+fn jpeg_tail(evidence: EvidenceFormat) -> String {
+    format!(
+        "queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 leaky=downstream ! \
+         videorate drop-only=true max-rate={} ! videoscale ! videoconvert ! \
+         video/x-raw,format=I420,width={},pixel-aspect-ratio=1/1 ! jpegenc quality=85 ! \
+         appsink name={JPEG_SINK} sync=false max-buffers=4 drop=true enable-last-sample=false",
+        evidence.fps, evidence.width
     )
 }
 
@@ -167,6 +217,7 @@ mod tests {
                 backoff_max: Duration::from_secs(60),
             },
             max_fps: None,
+            evidence: crate::config::SourceEvidence::default(),
         }
     }
 
@@ -175,6 +226,7 @@ mod tests {
             &source(kind),
             CaptureFormat { video: Some((64, 48)), audio: Some(16_000) },
             SinkMode { sync: false },
+            None,
         );
         for part in expected_parts {
             assert!(text.contains(part), "{part:?} missing in {text}");
@@ -230,6 +282,42 @@ mod tests {
         };
         // 2 s at 25 fps = 50 frames; 96000 samples / 1024 = 94 buffers.
         check(SourceKind::Test(test), &["num-buffers=50", "num-buffers=94", "pattern=ball", "is-live=false"]);
+    }
+
+    fn rtsp() -> SourceKind {
+        SourceKind::Rtsp { url: "rtsp://h/p".into(), latency: Duration::from_millis(200), protocols: None }
+    }
+
+    fn with_evidence(kind: SourceKind, copy: bool) -> String {
+        describe(
+            &source(kind),
+            CaptureFormat { video: Some((64, 48)), audio: Some(16_000) },
+            SinkMode { sync: false },
+            Some(EvidenceFormat { width: 640, fps: 5, copy }),
+        )
+    }
+
+    #[test]
+    fn evidence_stills_are_jpeg_at_the_configured_width_beside_the_model_frames() {
+        let text = with_evidence(SourceKind::Uri { uri: "file:///x.webm".into() }, true);
+        for part in ["tee name=evt", "format=RGB,width=64,height=48", "width=640,pixel-aspect-ratio=1/1", "jpegenc"] {
+            assert!(text.contains(part), "{part:?} missing in {text}");
+        }
+        assert!(text.contains("max-rate=5"), "{text}");
+        assert!(!text.contains(H264_SINK), "{text}");
+    }
+
+    #[test]
+    fn rtsp_evidence_copies_the_cameras_h264_and_encodes_no_video() {
+        let text = with_evidence(rtsp(), true);
+        assert!(text.contains("rtph264depay ! h264parse"), "{text}");
+        assert!(text.contains(&format!("appsink name={H264_SINK}")), "{text}");
+        for encoder in ["x264enc", "vp8enc", "openh264enc", "avenc_", "nvv4l2h264enc"] {
+            assert!(!text.contains(encoder), "{encoder} in {text}");
+        }
+        // copy = false: stills only; the clip is made from them.
+        let text = with_evidence(rtsp(), false);
+        assert!(!text.contains(H264_SINK) && text.contains(JPEG_SINK), "{text}");
     }
 
     #[test]

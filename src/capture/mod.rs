@@ -6,6 +6,7 @@
 //! streaming thread. Timestamps are converted to the pipeline's running time, so the two
 //! streams of a source share one clock.
 
+mod clip;
 mod describe;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,11 +23,12 @@ use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
 use time::OffsetDateTime;
 
-pub use describe::{AUDIO_SINK, CaptureFormat, SinkMode, VIDEO_SINK, describe};
+pub use clip::{ClipAudio, ClipMedia, ClipVideo, write_clip};
+pub use describe::{AUDIO_SINK, CaptureFormat, EvidenceFormat, H264_SINK, JPEG_SINK, SinkMode, VIDEO_SINK, describe};
 
 use crate::config::SourceSettings;
 pub use crate::media::Modality;
-use crate::media::{AudioChunk, RunningTime, VideoFrame};
+use crate::media::{AudioChunk, EvidenceKind, EvidenceMedia, RunningTime, VideoFrame};
 use crate::telemetry;
 
 /// A source's health as users see it on the status topic.
@@ -107,6 +109,8 @@ pub struct CaptureOptions {
     /// Block the streaming thread when the consumer is behind (files: nothing is lost)
     /// instead of dropping (live sources must not stall their device).
     pub lossless: bool,
+    /// The evidence branch, if the source keeps evidence (the daemon only).
+    pub evidence: Option<EvidenceFormat>,
 }
 
 /// Controls a running source.
@@ -163,12 +167,15 @@ pub fn init() -> anyhow::Result<()> {
     gst::init().context("initialising GStreamer")
 }
 
-/// Starts `source` on its own supervisor thread.
+/// Starts `source` on its own supervisor thread. With `options.evidence`, the evidence
+/// branch's stills (and H.264) and a copy of the audio go to `evidence`, dropped when it is
+/// full: evidence never slows capture.
 pub fn spawn(
     source_idx: usize,
     source: SourceSettings,
     options: CaptureOptions,
     events: Sender<CaptureEvent>,
+    evidence: Option<Sender<EvidenceMedia>>,
 ) -> anyhow::Result<SourceHandle> {
     init()?;
     let control = Arc::new(Control {
@@ -179,7 +186,7 @@ pub fn spawn(
     let thread_control = control.clone();
     let thread = std::thread::Builder::new()
         .name(format!("capture-{}", source.name))
-        .spawn(move || Supervisor { source_idx, source, options, events, control: thread_control }.run())
+        .spawn(move || Supervisor { source_idx, source, options, events, evidence, control: thread_control }.run())
         .context("spawning the capture thread")?;
     Ok(SourceHandle { control, thread: Some(thread) })
 }
@@ -189,6 +196,7 @@ struct Supervisor {
     source: SourceSettings,
     options: CaptureOptions,
     events: Sender<CaptureEvent>,
+    evidence: Option<Sender<EvidenceMedia>>,
     control: Arc<Control>,
 }
 
@@ -269,7 +277,8 @@ impl Supervisor {
     }
 
     fn run_once(&self, generation: u64) -> Outcome {
-        let description = describe(&self.source, self.options.format, self.options.mode);
+        let evidence_format = self.options.evidence.filter(|_| self.evidence.is_some());
+        let description = describe(&self.source, self.options.format, self.options.mode, evidence_format);
         tracing::debug!(source = %self.source.name, generation, pipeline = %description, "building pipeline");
         let pipeline = match gst::parse::launch(&description) {
             Ok(element) => match element.downcast::<gst::Pipeline>() {
@@ -294,12 +303,27 @@ impl Supervisor {
             stopping: Arc::new(AtomicBool::new(false)),
             started: OnceLock::new(),
             pipeline: pipeline.downgrade(),
+            evidence: self.evidence.clone().filter(|_| evidence_format.is_some()),
+            audio_rate: self.options.format.audio.unwrap_or(0),
         });
         if video && let Err(err) = attach(&pipeline, VIDEO_SINK, Modality::Video, shared.clone()) {
             return Outcome::Failed(err.to_string());
         }
         if audio && let Err(err) = attach(&pipeline, AUDIO_SINK, Modality::Audio, shared.clone()) {
             return Outcome::Failed(err.to_string());
+        }
+        if let Some(evidence) = evidence_format {
+            let source_kind_copies =
+                evidence.copy && matches!(self.source.kind, crate::config::SourceKind::Rtsp { .. });
+            if video && let Err(err) = attach_evidence(&pipeline, JPEG_SINK, shared.clone()) {
+                return Outcome::Failed(err.to_string());
+            }
+            if video
+                && source_kind_copies
+                && let Err(err) = attach_evidence(&pipeline, H264_SINK, shared.clone())
+            {
+                return Outcome::Failed(err.to_string());
+            }
         }
         let outcome = self.watch(&pipeline, &shared, video, audio);
         // Release a streaming thread that waits in `throttle`.
@@ -436,20 +460,35 @@ struct Shared {
     audio_position_ns: AtomicU64,
     stopping: Arc<AtomicBool>,
     /// Set by the first buffer of either stream; sends `Started` exactly once, before any data.
-    started: OnceLock<()>,
+    /// Holds the UTC time at running time zero.
+    started: OnceLock<OffsetDateTime>,
     pipeline: gst::glib::WeakRef<gst::Pipeline>,
+    /// Where the evidence branch's media go (and a copy of the audio); `None` without one.
+    evidence: Option<Sender<EvidenceMedia>>,
+    /// The audio appsink's rate.
+    audio_rate: u32,
 }
 
 impl Shared {
-    fn ensure_started(&self, running_time: RunningTime) {
-        self.started.get_or_init(|| {
+    fn ensure_started(&self, running_time: RunningTime) -> OffsetDateTime {
+        *self.started.get_or_init(|| {
             let utc_origin = OffsetDateTime::now_utc() - running_time.as_duration();
             let _ = self.events.send(CaptureEvent::Started {
                 source_idx: self.source_idx,
                 generation: self.generation,
                 utc_origin,
             });
-        });
+            utc_origin
+        })
+    }
+
+    /// Hands evidence media on without waiting; a full store drops it (counted).
+    fn send_evidence(&self, utc: OffsetDateTime, kind: EvidenceKind) {
+        let Some(evidence) = &self.evidence else { return };
+        let media = EvidenceMedia { source: self.source_name.as_str().into(), utc, kind };
+        if let Err(TrySendError::Full(_)) = evidence.try_send(media) {
+            telemetry::evidence_media_dropped(&self.source_name);
+        }
     }
 
     fn send(&self, event: CaptureEvent, modality: Modality) {
@@ -545,7 +584,7 @@ fn on_sample(sink: &gst_app::AppSink, sample: &gst::Sample, modality: Modality, 
     let running = segment.to_running_time(pts).ok_or_else(|| anyhow!("timestamp outside the segment"))?;
     let running = RunningTime::from_nanos(running.nseconds());
     let arrival = sink.current_running_time().map(|time| RunningTime::from_nanos(time.nseconds())).unwrap_or(running);
-    shared.ensure_started(arrival);
+    let utc_origin = shared.ensure_started(arrival);
     shared.touch(modality);
     shared.throttle(modality, running);
     let event = match modality {
@@ -572,11 +611,15 @@ fn on_sample(sink: &gst_app::AppSink, sample: &gst::Sample, modality: Modality, 
         }
         Modality::Audio => {
             let map = buffer.map_readable().context("mapping audio")?;
-            let samples = map
+            let samples: Vec<f32> = map
                 .as_slice()
                 .chunks_exact(4)
                 .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
                 .collect();
+            if shared.evidence.is_some() {
+                let kind = EvidenceKind::Audio { samples: samples.clone(), rate: shared.audio_rate };
+                shared.send_evidence(utc_origin + running.as_duration(), kind);
+            }
             CaptureEvent::Audio {
                 source_idx: shared.source_idx,
                 generation: shared.generation,
@@ -586,6 +629,52 @@ fn on_sample(sink: &gst_app::AppSink, sample: &gst::Sample, modality: Modality, 
         }
     };
     shared.send(event, modality);
+    Ok(())
+}
+
+/// The evidence branch's appsinks: copy the encoded bytes, stamp them in UTC, hand them on.
+fn attach_evidence(pipeline: &gst::Pipeline, name: &'static str, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let sink = pipeline
+        .by_name(name)
+        .ok_or_else(|| anyhow!("the pipeline has no element named {name:?}"))?
+        .downcast::<gst_app::AppSink>()
+        .map_err(|_| anyhow!("element {name:?} is not an appsink"))?;
+    let callbacks = gst_app::AppSinkCallbacks::builder()
+        .new_sample(move |sink| {
+            let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+            if let Err(err) = on_evidence(&sample, name, &shared) {
+                tracing::debug!(source = %shared.source_name, error = %err, "dropping an evidence buffer");
+            }
+            Ok(gst::FlowSuccess::Ok)
+        })
+        .build();
+    sink.set_callbacks(callbacks);
+    Ok(())
+}
+
+fn on_evidence(sample: &gst::Sample, name: &str, shared: &Shared) -> anyhow::Result<()> {
+    let buffer = sample.buffer().ok_or_else(|| anyhow!("sample without a buffer"))?;
+    let pts = buffer.pts().ok_or_else(|| anyhow!("buffer without a timestamp"))?;
+    let segment = sample
+        .segment()
+        .and_then(|segment| segment.downcast_ref::<gst::ClockTime>())
+        .ok_or_else(|| anyhow!("sample without a time segment"))?;
+    let running = segment.to_running_time(pts).ok_or_else(|| anyhow!("timestamp outside the segment"))?;
+    // Until the model's streams have started the incarnation, there is no UTC origin yet.
+    let Some(origin) = shared.started.get() else { return Ok(()) };
+    let utc = *origin + Duration::from_nanos(running.nseconds());
+    let data = buffer.map_readable().context("mapping evidence")?.as_slice().to_vec();
+    let kind = if name == JPEG_SINK {
+        EvidenceKind::Jpeg(Arc::new(data))
+    } else {
+        let dts_before_pts = buffer
+            .dts()
+            .and_then(|dts| segment.to_running_time(dts))
+            .map(|dts| Duration::from_nanos(running.nseconds().saturating_sub(dts.nseconds())))
+            .unwrap_or_default();
+        EvidenceKind::H264 { data, keyframe: !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT), dts_before_pts }
+    };
+    shared.send_evidence(utc, kind);
     Ok(())
 }
 

@@ -58,6 +58,7 @@ pub fn classify(config: &Path, input: &str, top: usize) -> Result<(), Failure> {
             backoff_max: std::time::Duration::from_secs(1),
         },
         max_fps: None,
+        evidence: crate::config::SourceEvidence { enabled: false, ..Default::default() },
     };
     let model = &prepared.model;
     let runtime = ModelRuntime::load(model, prepared.settings.model.runtime, prepared.settings.model.threads)
@@ -88,7 +89,7 @@ pub fn classify(config: &Path, input: &str, top: usize) -> Result<(), Failure> {
         })
         .map_err(Failure::other)?;
     let stop = daemon::stop_flag().map_err(Failure::other)?;
-    let mut sources = Sources::start(&prepared, std::slice::from_ref(&source), false).map_err(Failure::other)?;
+    let mut sources = Sources::start(&prepared, std::slice::from_ref(&source), false, None).map_err(Failure::other)?;
     let mut failure = None;
     sources.run(&stop, |_, output| match output {
         StageOutput::Window(window) => queue.push(window),

@@ -30,7 +30,7 @@ pub fn record(
     let mut featurizer = Featurizer::new(&prepared.model.metadata).map_err(Failure::config)?;
     let mut writer = DatasetWriter::open(out, &prepared.model.metadata).map_err(Failure::other)?;
     let stop = daemon::stop_flag().map_err(Failure::other)?;
-    let mut sources = Sources::start(&prepared, std::slice::from_ref(&source), false).map_err(Failure::other)?;
+    let mut sources = Sources::start(&prepared, std::slice::from_ref(&source), false, None).map_err(Failure::other)?;
     let mut video = vec![0.0; featurizer.video_len()];
     let mut audio = vec![0.0; featurizer.audio_len()];
     let (mut seen, mut written) = (0u64, 0u64);

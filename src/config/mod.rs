@@ -7,6 +7,7 @@
 //! or a device (`check-config` does that on top).
 
 mod events;
+mod evidence;
 mod mqtt;
 mod raw;
 mod units;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use events::RawEvents;
+pub use evidence::{EvidenceSettings, SourceEvidence};
 pub use mqtt::PASSWORD_ENV;
 pub use raw::RawConfig;
 pub use units::{RawBytes, RawDuration, parse_bytes, parse_duration};
@@ -88,6 +90,7 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     /// `[device] state_dir`: the daemon's own state (run-time controls).
     pub state_dir: PathBuf,
+    pub evidence: EvidenceSettings,
 }
 
 /// `[metrics]`: where the HTTP server (page, API, metrics, health) listens; `None` when
@@ -141,6 +144,8 @@ pub struct SourceSettings {
     pub restart: RestartSettings,
     /// Cap on the captured frame rate (videorate); `None` keeps the source's rate.
     pub max_fps: Option<u32>,
+    /// Snapshots and clips of this source's events.
+    pub evidence: SourceEvidence,
 }
 
 /// How a failed live source is brought back.

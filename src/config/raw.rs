@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 pub use super::events::RawEvents;
+pub use super::evidence::{RawEvidence, RawSourceEvidence};
 pub use super::mqtt::{RawMqtt, RawSpool};
 pub use super::units::RawDuration;
 use toml::Spanned;
@@ -35,6 +36,9 @@ pub struct RawConfig {
     /// The health and metrics HTTP endpoint.
     #[serde(default)]
     pub metrics: RawMetrics,
+    /// Snapshots and clips kept with events.
+    #[serde(default)]
+    pub evidence: RawEvidence,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +133,8 @@ pub struct RawSource {
     pub backoff_initial: Option<Spanned<RawDuration>>,
     /// Longest wait between restarts. Default 60 s.
     pub backoff_max: Option<Spanned<RawDuration>>,
+    /// `[source.evidence]`: this source's snapshots and clips, over `[evidence]`.
+    pub evidence: Option<Spanned<RawSourceEvidence>>,
 
     // v4l2
     /// v4l2: camera device, e.g. `/dev/video0`.

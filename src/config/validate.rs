@@ -9,8 +9,8 @@ use toml::Spanned;
 use super::raw::{RawConfig, RawSource};
 use super::units::duration_in;
 use super::{
-    DEFAULT_METRICS_LISTEN, FieldError, MetricsSettings, ModelSettings, RestartSettings, Runtime, Settings, SourceKind,
-    SourceSettings, TestSource, WindowConfig,
+    DEFAULT_METRICS_LISTEN, FieldError, MetricsSettings, ModelSettings, RestartSettings, Runtime, Settings,
+    SourceEvidence, SourceKind, SourceSettings, TestSource, WindowConfig,
 };
 
 const KINDS: &str = "v4l2, alsa, pulse, rtsp, uri, test, pipeline";
@@ -74,10 +74,11 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
         .unwrap_or(Duration::from_secs(2)),
     };
 
+    let evidence_default = raw.evidence.source_default()?;
     let mut sources: Vec<SourceSettings> = Vec::new();
     for (idx, source) in raw.sources.into_iter().enumerate() {
         let span = source.span();
-        let source = validate_source(idx, span.clone(), source.into_inner())?;
+        let source = validate_source(idx, span.clone(), source.into_inner(), evidence_default)?;
         if sources.iter().any(|other| other.name == source.name) {
             return Err(FieldError::new(
                 format!("source[{idx}].name"),
@@ -129,6 +130,11 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
         }
         spool
     };
+    let state_dir = match &raw.device.state_dir {
+        Some(dir) => config_dir.join(non_empty("device.state_dir", dir)?),
+        None => spool.dir.parent().unwrap_or(&spool.dir).to_path_buf(),
+    };
+    let evidence = raw.evidence.validate(config_dir, &state_dir)?;
     Ok(Settings {
         file: path.to_path_buf(),
         device_id,
@@ -139,16 +145,19 @@ pub fn validate(path: &Path, raw: RawConfig) -> Result<Settings, FieldError> {
         events: raw.events.clone().validate()?,
         events_raw: raw.events,
         mqtt,
-        state_dir: match &raw.device.state_dir {
-            Some(dir) => config_dir.join(non_empty("device.state_dir", dir)?),
-            None => spool.dir.parent().unwrap_or(&spool.dir).to_path_buf(),
-        },
+        state_dir,
         spool,
         metrics,
+        evidence,
     })
 }
 
-fn validate_source(idx: usize, span: std::ops::Range<usize>, raw: RawSource) -> Result<SourceSettings, FieldError> {
+fn validate_source(
+    idx: usize,
+    span: std::ops::Range<usize>,
+    raw: RawSource,
+    evidence_default: SourceEvidence,
+) -> Result<SourceSettings, FieldError> {
     let prefix = format!("source[{idx}]");
     let key = |name: &str| format!("{prefix}.{name}");
     let name = raw.name.as_ref().ok_or_else(|| {
@@ -345,7 +354,11 @@ fn validate_source(idx: usize, span: std::ops::Range<usize>, raw: RawSource) -> 
         .unwrap_or(Duration::from_secs(60)),
     };
     let max_fps = opt_int_in(&key("max_fps"), raw.max_fps.as_ref(), 1, 240)?.map(|fps| fps as u32);
-    Ok(SourceSettings { name: name.get_ref().clone(), kind, video, audio, restart, max_fps })
+    let evidence = match &raw.evidence {
+        Some(evidence) => evidence.get_ref().merge(&prefix, evidence_default)?,
+        None => evidence_default,
+    };
+    Ok(SourceSettings { name: name.get_ref().clone(), kind, video, audio, restart, max_fps, evidence })
 }
 
 fn err<T>(key: &str, value: &Spanned<T>, message: impl Into<String>) -> FieldError {

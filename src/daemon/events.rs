@@ -5,7 +5,7 @@
 //! commands from MQTT ([`Controls`]) are applied to the engine here, kept on disk, and their
 //! state echoed on the retained control topics.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,8 @@ use super::prepare::Prepared;
 use super::state::{DaemonState, PublisherGauges, lock};
 use crate::capture::SourceStatus;
 use crate::events::{Event, EventEngine, EventKind, EventSettings, WindowScores};
-use crate::publish::{self, MqttSettings, Publisher, PublisherInfo, SpoolSettings};
+use crate::evidence::{ClipDone, EvidenceClient};
+use crate::publish::{self, EvidencePayload, MqttSettings, Publisher, PublisherInfo, SpoolSettings};
 use crate::telemetry;
 use crate::web::Live;
 
@@ -36,6 +37,8 @@ pub(super) struct PublishConfig {
     mqtt: MqttSettings,
     spool: SpoolSettings,
     info: PublisherInfo,
+    /// Sources that keep evidence (`[evidence]` and `[source.evidence]` enabled).
+    evidence_sources: HashSet<String>,
 }
 
 impl PublishConfig {
@@ -44,6 +47,13 @@ impl PublishConfig {
         let model = &prepared.model;
         let labels = model.metadata.labels.clone();
         let model_hears = model.metadata.audio.is_some();
+        let model_sees = model.metadata.video.is_some();
+        let evidence_sources: HashSet<String> = settings
+            .sources
+            .iter()
+            .filter(|source| settings.evidence.enabled && source.evidence.enabled)
+            .map(|source| source.name.clone())
+            .collect();
         PublishConfig {
             events: settings.events.clone(),
             mqtt: settings.mqtt.clone(),
@@ -57,9 +67,16 @@ impl PublishConfig {
                     .filter(|source| source.audio && model_hears)
                     .map(|source| source.name.clone())
                     .collect(),
+                snapshot_sources: settings
+                    .sources
+                    .iter()
+                    .filter(|source| evidence_sources.contains(&source.name) && source.video && model_sees)
+                    .map(|source| source.name.clone())
+                    .collect(),
                 labels,
                 model: publish::ModelInfo { name: model.name().to_string(), sha256: model.sha256.clone() },
             },
+            evidence_sources,
         }
     }
 
@@ -78,13 +95,18 @@ impl PublishConfig {
 struct PublisherSlot {
     publisher: Option<Publisher>,
     config: PublishConfig,
-    waiting: VecDeque<Event>,
+    waiting: VecDeque<(Event, Option<EvidencePayload>)>,
     last_attempt: Instant,
     /// Counts the publishers started, so the events thread knows when to announce the
     /// control states to a new one.
     generation: u64,
     /// The page's live feed: every event as it happens, whether or not a publisher runs.
     live: Arc<Live>,
+    /// The evidence store, when evidence is kept.
+    evidence: Option<EvidenceClient>,
+    clips_done: Option<Receiver<ClipDone>>,
+    /// Open events' evidence (the snapshot of their start), carried on to update and end.
+    open_evidence: HashMap<String, EvidencePayload>,
 }
 
 impl PublisherSlot {
@@ -93,10 +115,55 @@ impl PublisherSlot {
             if event.kind == EventKind::Start {
                 telemetry::event_started(&event.source, &event.label);
             }
-            self.live.event(page_event(&event, &self.config));
-            self.waiting.push_back(event);
+            let evidence = self.evidence_for(&event);
+            self.live.event(page_event(&event, &self.config, evidence.as_ref()));
+            self.waiting.push_back((event, evidence));
         }
         self.flush();
+    }
+
+    /// The snapshot at `start` (also set as the source's retained snapshot), the clip planned
+    /// at `end`; what the store could not give within its answer time is flagged in `error`.
+    fn evidence_for(&mut self, event: &Event) -> Option<EvidencePayload> {
+        let client = self.evidence.as_ref()?;
+        if !self.config.evidence_sources.contains(&event.source) {
+            return None;
+        }
+        match event.kind {
+            EventKind::Start => {
+                let mut evidence = EvidencePayload::default();
+                match client.snapshot(event) {
+                    Ok(snapshot) => {
+                        evidence.snapshot_url = Some(EvidencePayload::url(&event.id, &snapshot.path));
+                        evidence.snapshot = Some(snapshot.path);
+                        if let Some(publisher) = &self.publisher {
+                            publisher.publish_snapshot(&event.source, snapshot.jpeg.as_ref().clone());
+                        }
+                    }
+                    Err(reason) => evidence.error = Some(format!("snapshot: {reason}")),
+                }
+                self.open_evidence.insert(event.id.clone(), evidence.clone());
+                Some(evidence)
+            }
+            EventKind::Update => Some(self.open_evidence.get(&event.id).cloned().unwrap_or_default()),
+            EventKind::End => {
+                let mut evidence = self.open_evidence.remove(&event.id).unwrap_or_default();
+                match client.clip(event) {
+                    Ok(path) => {
+                        evidence.clip_url = Some(EvidencePayload::url(&event.id, &path));
+                        evidence.clip = Some(path);
+                    }
+                    Err(reason) => {
+                        let error = format!("clip: {reason}");
+                        evidence.error = Some(match evidence.error.take() {
+                            Some(earlier) => format!("{earlier}; {error}"),
+                            None => error,
+                        });
+                    }
+                }
+                Some(evidence)
+            }
+        }
     }
 
     fn flush(&mut self) {
@@ -112,8 +179,8 @@ impl PublisherSlot {
             }
         }
         let Some(publisher) = &self.publisher else { return };
-        while let Some(event) = self.waiting.pop_front() {
-            if let Err(err) = publisher.publish_event(&event) {
+        while let Some((event, evidence)) = self.waiting.pop_front() {
+            if let Err(err) = publisher.publish_event(&event, evidence.as_ref()) {
                 tracing::error!(error = %err, label = event.label, "event could not be spooled");
             }
         }
@@ -167,6 +234,7 @@ pub(super) fn events_loop(
     results: Receiver<ScoredWindow>,
     notices: Receiver<Notice>,
     state: &DaemonState,
+    evidence: Option<EvidenceClient>,
 ) {
     for (source, label, over) in controls.iter() {
         tracing::info!(source, label, enabled = ?over.enabled, threshold = ?over.threshold, "control from MQTT in force");
@@ -179,6 +247,9 @@ pub(super) fn events_loop(
         last_attempt: Instant::now(),
         generation: 1,
         live: state.live.clone(),
+        clips_done: evidence.as_ref().map(|client| client.clips_done().clone()),
+        evidence,
+        open_evidence: HashMap::new(),
     };
     let mut echoed_generation = 0;
     let mut results_open = true;
@@ -190,7 +261,16 @@ pub(super) fn events_loop(
             echo_controls(&engine, &slot);
         }
         let control_commands = slot.publisher.as_ref().map_or_else(crossbeam_channel::never, Publisher::controls);
+        let clips_done = slot.clips_done.clone().unwrap_or_else(crossbeam_channel::never);
         select! {
+            recv(clips_done) -> message => if let Ok(done) = message {
+                let result = done.result.as_ref().map(|info| (info.bytes, info.duration.as_secs_f64())).map_err(String::as_str);
+                let message = publish::payload::clip_message(&done.event_id, &done.path, result);
+                slot.live.clip(&done.event_id, &message);
+                if let Some(publisher) = &slot.publisher {
+                    publisher.publish_clip(&done.source, message);
+                }
+            },
             recv(if results_open { results.clone() } else { crossbeam_channel::never() }) -> message => match message {
                 Ok(scored) => {
                     let scores = WindowScores {
@@ -291,8 +371,9 @@ fn echo_controls(engine: &EventEngine, slot: &PublisherSlot) {
 
 /// An event as the page and `/api/events` show it: the MQTT event JSON without the fields
 /// of its delivery (`seq`, `replayed`, `latency_ms`).
-fn page_event(event: &Event, config: &PublishConfig) -> Value {
-    let payload = publish::payload::EventPayload::new(event, 0, &config.mqtt.device_id, &config.info.model);
+fn page_event(event: &Event, config: &PublishConfig, evidence: Option<&EvidencePayload>) -> Value {
+    let mut payload = publish::payload::EventPayload::new(event, 0, &config.mqtt.device_id, &config.info.model);
+    payload.evidence = evidence.cloned();
     let mut value = serde_json::to_value(payload).unwrap_or(Value::Null);
     if let Some(fields) = value.as_object_mut() {
         for delivery in ["seq", "replayed", "latency_ms"] {
@@ -321,6 +402,20 @@ fn runtime_stats() -> Map<String, Value> {
     }
     let mut stats = Map::new();
     stats.insert("sources".into(), Value::Object(sources));
+    let evidence = telemetry::evidence();
+    stats.insert(
+        "evidence".into(),
+        json!({
+            "snapshots": evidence.snapshots,
+            "clips": evidence.clips,
+            "failed": evidence.failed,
+            "deleted": evidence.deleted,
+            "files": evidence.files,
+            "bytes": evidence.bytes,
+            "ring_bytes": evidence.ring_bytes,
+            "media_dropped": evidence.media_dropped,
+        }),
+    );
     stats.insert(
         "inference".into(),
         json!({

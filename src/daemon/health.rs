@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use super::infer::WindowQueue;
 use super::state::{DaemonState, SourceState, describe_sources, lock};
 use crate::service::{
-    EventCount, Health, HealthInput, HealthSettings, LatencyHistogram, MetricsSnapshot, Notifier, SourceActivity,
-    SourceMetrics, Verdict,
+    EventCount, EvidenceMetrics, Health, HealthInput, HealthSettings, LatencyHistogram, MetricsSnapshot, Notifier,
+    SourceActivity, SourceMetrics, Verdict,
 };
 use crate::telemetry;
 use crate::web::{Handlers, SourceView, WebServer};
@@ -24,6 +24,7 @@ pub(super) fn start_web(
     state: &Arc<DaemonState>,
     queue: &WindowQueue,
     about: serde_json::Value,
+    evidence: Option<crate::evidence::EvidenceFiles>,
 ) -> Option<WebServer> {
     let metrics_state = state.clone();
     let queue = queue.clone();
@@ -34,6 +35,7 @@ pub(super) fn start_web(
         health: Arc::new(move || lock(&health_state.health).clone()),
         sources: Arc::new(move || source_views(&sources_state)),
         about: Arc::new(move || about.clone()),
+        evidence: Arc::new(move |id, extension| evidence.as_ref().and_then(|files| files.read(id, extension))),
     };
     match WebServer::start(address, token.clone(), handlers, state.live.clone()) {
         Ok(server) => {
@@ -111,6 +113,17 @@ fn metrics_snapshot(state: &DaemonState, queue: &WindowQueue) -> MetricsSnapshot
         spool_bytes: publisher.spool_bytes,
         spool_unwritten: publisher.spool_unwritten,
         spool_unwritable: publisher.spool_unwritable.is_some(),
+        evidence: {
+            let evidence = telemetry::evidence();
+            EvidenceMetrics {
+                snapshots: evidence.snapshots,
+                clips: evidence.clips,
+                failed: evidence.failed,
+                deleted: evidence.deleted,
+                files: evidence.files,
+                bytes: evidence.bytes,
+            }
+        },
     }
 }
 

@@ -14,6 +14,7 @@ use super::prepare::{self, Prepared};
 use super::sources::Sources;
 use super::stage::{StageOutput, WindowStage};
 use super::state::DaemonState;
+use crate::evidence::EvidenceStore;
 
 /// Reads the config again and applies it; `Err` says why nothing was applied.
 pub(super) fn apply_reload(
@@ -22,6 +23,7 @@ pub(super) fn apply_reload(
     sources: &mut Sources,
     state: &DaemonState,
     notices: &Sender<Notice>,
+    evidence: &EvidenceStore,
     sink: &mut impl FnMut(&WindowStage, StageOutput),
 ) -> Result<String, String> {
     tracing::info!(config = %config.display(), "SIGHUP: reloading the configuration");
@@ -29,6 +31,8 @@ pub(super) fn apply_reload(
     if new.settings.model != current.settings.model || new.model.sha256 != current.model.sha256 {
         return Err("[model] or the model file changed; restart the daemon to load another model".into());
     }
+    // The store knows the new sources before they send anything.
+    evidence.configure(new.settings.evidence.clone(), &new.settings.sources);
     let changes = sources
         .reconfigure(&new, &new.settings.sources, &mut *sink)
         .map_err(|err| format!("restarting sources: {err:#}"))?;

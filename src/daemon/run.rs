@@ -23,6 +23,7 @@ use super::sources::{self, Sources};
 use super::stage::{StageOutput, WindowStage};
 use super::state::{DaemonState, READY_TIMEOUT};
 use crate::events::EventEngine;
+use crate::evidence::EvidenceStore;
 use crate::model::ModelRuntime;
 use crate::service::Notifier;
 
@@ -61,11 +62,15 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let (notices_tx, notices) = bounded::<Notice>(NOTICES_CAPACITY);
     let engine = EventEngine::new(settings.events.clone(), model.metadata.labels.clone(), model.metadata.multi_label);
     let controls = Controls::load(&settings.state_dir);
+    let evidence = EvidenceStore::start(settings.evidence.clone(), &settings.sources).map_err(Failure::other)?;
     let events_thread = {
         let state = state.clone();
+        let client = Some(evidence.client());
         std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || events::events_loop(engine, publisher, publish_config, controls, results, notices, &state))
+            .spawn(move || {
+                events::events_loop(engine, publisher, publish_config, controls, results, notices, &state, client)
+            })
             .map_err(Failure::other)?
     };
     let about = serde_json::json!({
@@ -75,12 +80,13 @@ pub fn run(config: &Path) -> Result<(), Failure> {
         "labels": model.metadata.labels,
         "version": env!("CARGO_PKG_VERSION"),
     });
-    let web = settings
-        .metrics
-        .listen
-        .and_then(|address| health::start_web(address, settings.metrics.token.clone(), &state, &queue, about));
+    let web = settings.metrics.listen.and_then(|address| {
+        let files = Some(evidence.files());
+        health::start_web(address, settings.metrics.token.clone(), &state, &queue, about, files)
+    });
 
-    let mut sources = Sources::start(&prepared, &settings.sources, true).map_err(Failure::other)?;
+    let mut sources =
+        Sources::start(&prepared, &settings.sources, true, Some(evidence.media())).map_err(Failure::other)?;
     tracing::info!(sources = settings.sources.len(), "running");
     let notifier = Notifier::from_env();
     let health_stop = Arc::new(AtomicBool::new(false));
@@ -129,7 +135,7 @@ pub fn run(config: &Path) -> Result<(), Failure> {
             break;
         }
         let _ = notifier.reloading();
-        match reload::apply_reload(config, &mut prepared, &mut sources, &state, &notices_tx, &mut sink) {
+        match reload::apply_reload(config, &mut prepared, &mut sources, &state, &notices_tx, &evidence, &mut sink) {
             Ok(summary) => {
                 queue.set_capacity(infer::queue_capacity(settings.model.max_batch, prepared.settings.sources.len()));
                 tracing::info!(config = %config.display(), "{summary}")
@@ -157,6 +163,8 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let _ = worker.join();
     drop(notices_tx);
     let _ = events_thread.join();
+    // The events thread ended the open events: their clips are written with what was kept.
+    evidence.stop();
     tracing::info!("stopped");
     Ok(())
 }

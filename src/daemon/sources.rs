@@ -10,8 +10,9 @@ use time::OffsetDateTime;
 
 use super::prepare::Prepared;
 use super::stage::{StageOutput, WindowStage};
-use crate::capture::{self, CaptureOptions, SinkMode, SourceHandle};
+use crate::capture::{self, CaptureOptions, EvidenceFormat, SinkMode, SourceHandle};
 use crate::config::SourceSettings;
+use crate::media::EvidenceMedia;
 use crate::window::WindowSettings;
 
 /// Sources started for one command, with the window stage running on the caller's thread.
@@ -23,6 +24,8 @@ pub struct Sources {
     events: Receiver<capture::CaptureEvent>,
     stage: WindowStage,
     realtime: bool,
+    /// Where sources that keep evidence send it (the daemon's evidence store).
+    evidence: Option<Sender<EvidenceMedia>>,
 }
 
 struct Slot {
@@ -44,10 +47,17 @@ pub struct SourceChanges {
 
 impl Sources {
     /// Starts `sources`. `realtime` plays files at their own pace (the daemon); otherwise they
-    /// run as fast as possible and nothing is dropped (classify, record).
-    pub fn start(prepared: &Prepared, sources: &[SourceSettings], realtime: bool) -> anyhow::Result<Sources> {
+    /// run as fast as possible and nothing is dropped (classify, record). With `evidence`,
+    /// sources whose evidence is enabled get an evidence branch feeding it.
+    pub fn start(
+        prepared: &Prepared,
+        sources: &[SourceSettings],
+        realtime: bool,
+        evidence: Option<Sender<EvidenceMedia>>,
+    ) -> anyhow::Result<Sources> {
         let (sender, events) = bounded(1024);
-        let mut started = Sources { slots: Vec::new(), sender, events, stage: WindowStage::new(Vec::new()), realtime };
+        let mut started =
+            Sources { slots: Vec::new(), sender, events, stage: WindowStage::new(Vec::new()), realtime, evidence };
         for source in sources {
             started.add(prepared, source)?;
         }
@@ -151,12 +161,18 @@ impl Sources {
 
     fn spawn(&self, idx: usize, prepared: &Prepared, source: &SourceSettings) -> anyhow::Result<SourceHandle> {
         let live = source.kind.is_live();
+        let evidence = self.evidence.clone().filter(|_| source.evidence.enabled);
         let options = CaptureOptions {
             format: prepared.capture_format(source),
             mode: SinkMode { sync: self.realtime && !live },
             lossless: !live,
+            evidence: evidence.as_ref().map(|_| EvidenceFormat {
+                width: source.evidence.snapshot_width,
+                fps: source.evidence.fps,
+                copy: source.evidence.copy,
+            }),
         };
-        capture::spawn(idx, source.clone(), options, self.sender.clone())
+        capture::spawn(idx, source.clone(), options, self.sender.clone(), evidence)
     }
 
     /// Stops one source and waits for its thread, passing on what the others (and its last

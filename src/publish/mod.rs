@@ -12,6 +12,6 @@ mod telemetry;
 
 pub use crate::delivery::{BrokerUrl, MqttSettings, SpoolSettings};
 pub use mqtt::{PublishError, Publisher, SourceStatus};
-pub use payload::{Control, ControlChange, ModelInfo, PublisherInfo};
+pub use payload::{Control, ControlChange, EvidencePayload, ModelInfo, PublisherInfo};
 pub use spool::Spool;
 pub use telemetry::PublishStats;

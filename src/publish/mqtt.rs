@@ -37,7 +37,7 @@ use rumqttc::{
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use super::payload::{self, Control, EventPayload, ModelInfo, PublisherInfo, Topics};
+use super::payload::{self, Control, EventPayload, EvidencePayload, ModelInfo, PublisherInfo, Topics};
 use super::spool::{Spool, SpoolError, SpoolStats};
 use super::telemetry::{PublishCounters, PublishStats};
 pub use crate::capture::SourceStatus;
@@ -160,9 +160,13 @@ impl Publisher {
 
     /// Spools the event (assigning its `seq`, fsynced before this returns), then hands it to
     /// the publishing thread. Returns the seq.
-    pub fn publish_event(&self, event: &Event) -> Result<u64, PublishError> {
+    pub fn publish_event(&self, event: &Event, evidence: Option<&EvidencePayload>) -> Result<u64, PublishError> {
         let mut spool = lock(&self.spool);
-        let result = spool.append(|seq| EventPayload::new(event, seq, &self.device_id, &self.model).to_spool_bytes());
+        let result = spool.append(|seq| {
+            let mut payload = EventPayload::new(event, seq, &self.device_id, &self.model);
+            payload.evidence = evidence.cloned();
+            payload.to_spool_bytes()
+        });
         match result {
             Ok(seq) => {
                 self.counters.event_spooled();
@@ -210,6 +214,21 @@ impl Publisher {
             qos: QoS::AtMostOnce,
             retain: true,
             payload: format!("{dbfs:.1}").into_bytes(),
+        }));
+    }
+
+    /// Sets the source's retained snapshot (JPEG bytes; Home Assistant's image entity).
+    pub fn publish_snapshot(&self, source: &str, jpeg: Vec<u8>) {
+        let _ = self.commands.send(Message::Retained(self.topics.snapshot(source), jpeg));
+    }
+
+    /// Announces a finished (or failed) clip on the source's `clip` topic (QoS 1).
+    pub fn publish_clip(&self, source: &str, message: Vec<u8>) {
+        let _ = self.commands.send(Message::Outgoing(OutMessage {
+            topic: self.topics.clip(source),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            payload: message,
         }));
     }
 

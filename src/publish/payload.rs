@@ -67,6 +67,14 @@ impl Topics {
     pub fn control_filter(&self) -> String {
         format!("{}/{}/+/labels/+/+/set", self.prefix, self.device)
     }
+    /// Retained JPEG of the source's latest event start (evidence).
+    pub fn snapshot(&self, source: &str) -> String {
+        format!("{}/snapshot", self.source_base(source))
+    }
+    /// A clip is written (or could not be): JSON, [`clip_message`].
+    pub fn clip(&self, source: &str) -> String {
+        format!("{}/clip", self.source_base(source))
+    }
     /// The source's sound level in dBFS, per window.
     pub fn sound_level(&self, source: &str) -> String {
         format!("{}/sound_level", self.source_base(source))
@@ -111,6 +119,53 @@ pub struct EventPayload {
     pub degraded: Option<String>,
     pub replayed: bool,
     pub latency_ms: u64,
+    /// The event's snapshot and clip; absent where the source keeps no evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<EvidencePayload>,
+}
+
+/// `evidence` of an event: paths relative to `[evidence] dir` and the URLs the HTTP server
+/// serves them at. `start` carries the snapshot; `update` and `end` carry it on, and `end`
+/// names the clip, which is written once the post-roll has passed (announced on the `clip`
+/// topic). What could not be kept is `null`, with the reason in `error`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvidencePayload {
+    pub snapshot: Option<String>,
+    pub snapshot_url: Option<String>,
+    pub clip: Option<String>,
+    pub clip_url: Option<String>,
+    pub error: Option<String>,
+}
+
+impl EvidencePayload {
+    /// The URL of a file of event `id` (`snapshot.jpg`, `clip.webm`, `clip.mp4`).
+    pub fn url(id: &str, path: &str) -> String {
+        let file = match path.rsplit('.').next() {
+            Some("jpg") => "snapshot.jpg",
+            Some("mp4") => "clip.mp4",
+            _ => "clip.webm",
+        };
+        format!("/api/events/{id}/{file}")
+    }
+}
+
+/// The message of the `clip` topic: a clip finished (`clip`, `clip_url`, `bytes`,
+/// `duration_s`) or failed (`error`).
+pub fn clip_message(event_id: &str, path: &str, result: Result<(u64, f64), &str>) -> Vec<u8> {
+    let message = match result {
+        Ok((bytes, duration)) => json!({
+            "event_id": event_id,
+            "clip": path,
+            "clip_url": EvidencePayload::url(event_id, path),
+            "bytes": bytes,
+            "duration_s": (duration * 1000.0).round() / 1000.0,
+            "error": null,
+        }),
+        Err(reason) => json!({
+            "event_id": event_id, "clip": null, "clip_url": null, "bytes": null, "duration_s": null, "error": reason,
+        }),
+    };
+    serde_json::to_vec(&message).expect("json values serialize")
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +210,7 @@ impl EventPayload {
             degraded: event.degraded.map(|d| degraded_str(d).to_owned()),
             replayed: false,
             latency_ms: 0,
+            evidence: None,
         }
     }
 
@@ -301,6 +357,8 @@ pub struct PublisherInfo {
     pub enabled_labels: Vec<String>,
     /// Sources with audio: a sound-level sensor each.
     pub audio_sources: Vec<String>,
+    /// Sources that keep snapshots: an `image` entity each.
+    pub snapshot_sources: Vec<String>,
     pub model: ModelInfo,
 }
 
@@ -362,6 +420,15 @@ pub fn discovery_messages(topics: &Topics, device: &str, info: &PublisherInfo) -
                     "suggested_display_precision": 1,
                     "icon": "mdi:volume-high",
                 }),
+            );
+        }
+        if info.snapshot_sources.contains(source) {
+            entity(
+                "image",
+                format!("{source_id}_snapshot"),
+                format!("mbt-edge_{node}_{source_id}_snapshot"),
+                format!("{source} snapshot"),
+                json!({ "image_topic": topics.snapshot(source), "content_type": "image/jpeg" }),
             );
         }
         for label in &info.enabled_labels {
@@ -528,6 +595,7 @@ mod tests {
             labels: vec!["dog bark".to_owned(), "car".to_owned()],
             enabled_labels: vec!["dog bark".to_owned()],
             audio_sources: vec!["porch".to_owned()],
+            snapshot_sources: vec!["porch".to_owned()],
             model: ModelInfo::default(),
         };
         discovery_messages(&topics, "gate", &info)
@@ -545,6 +613,7 @@ mod tests {
             [
                 "homeassistant/event/gate/porch_events/config",
                 "homeassistant/sensor/gate/porch_sound_level/config",
+                "homeassistant/image/gate/porch_snapshot/config",
                 "homeassistant/binary_sensor/gate/porch_dog_bark/config",
                 "homeassistant/switch/gate/porch_dog_bark_enabled/config",
                 "homeassistant/number/gate/porch_dog_bark_threshold/config",
@@ -564,6 +633,10 @@ mod tests {
         assert_eq!(switch["command_topic"], "mbt-edge/gate/porch/labels/dog_bark/enabled/set");
         assert_eq!(by_platform("number")["state_topic"], "mbt-edge/gate/porch/labels/dog_bark/threshold");
         assert_eq!(by_platform("sensor")["state_topic"], "mbt-edge/gate/porch/sound_level");
+        let image = by_platform("image");
+        assert_eq!(image["image_topic"], "mbt-edge/gate/porch/snapshot");
+        assert_eq!(image["content_type"], "image/jpeg");
+        assert_eq!(image["default_entity_id"], "image.mbt_edge_gate_porch_snapshot");
     }
 
     /// Every key of every payload is one Home Assistant documents for its platform (it drops
@@ -616,6 +689,7 @@ mod tests {
             labels: vec!["dog bark".to_owned(), "car".to_owned()],
             enabled_labels: vec!["dog bark".to_owned()],
             audio_sources: Vec::new(),
+            snapshot_sources: Vec::new(),
             model: ModelInfo::default(),
         };
         let check = |topic: &str, payload: &str| match parse_control(&topics, &info, topic, payload.as_bytes()) {

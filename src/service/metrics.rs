@@ -32,6 +32,18 @@ pub struct MetricsSnapshot {
     /// Events held in memory because the spool's disk refused them.
     pub spool_unwritten: u64,
     pub spool_unwritable: bool,
+    pub evidence: EvidenceMetrics,
+}
+
+/// Evidence written, failed and deleted by retention, and what the evidence dir holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvidenceMetrics {
+    pub snapshots: u64,
+    pub clips: u64,
+    pub failed: u64,
+    pub deleted: u64,
+    pub files: u64,
+    pub bytes: u64,
 }
 
 /// One source's rates and counters.
@@ -257,7 +269,36 @@ impl Collector for SnapshotCollector {
             "mbt_edge_spool_unwritten_events",
             "Events held in memory only because the spool's disk refused them.",
             snapshot.spool_unwritten as f64,
-        )
+        )?;
+        let evidence = &snapshot.evidence;
+        let mut written = family(
+            encoder,
+            "mbt_edge_evidence_written_total",
+            "Evidence files written: a snapshot per event start, a clip per event end.",
+            MetricType::Counter,
+        )?;
+        counter(evidence.snapshots, written.encode_family(&[("kind", "snapshot")])?)?;
+        counter(evidence.clips, written.encode_family(&[("kind", "clip")])?)?;
+        counter(
+            evidence.failed,
+            family(
+                encoder,
+                "mbt_edge_evidence_failed_total",
+                "Snapshots and clips not written (full disk, no media); their events went out flagged.",
+                MetricType::Counter,
+            )?,
+        )?;
+        counter(
+            evidence.deleted,
+            family(
+                encoder,
+                "mbt_edge_evidence_deleted_total",
+                "Evidence files deleted by retention (max_bytes, max_age), oldest first.",
+                MetricType::Counter,
+            )?,
+        )?;
+        single_gauge(encoder, "mbt_edge_evidence_files", "Files in the evidence dir.", evidence.files as f64)?;
+        single_gauge(encoder, "mbt_edge_evidence_bytes", "Size of the evidence dir.", evidence.bytes as f64)
     }
 }
 
@@ -425,6 +466,7 @@ mod tests {
             spool_bytes: 2048,
             spool_unwritten: 0,
             spool_unwritable: false,
+            evidence: EvidenceMetrics { snapshots: 3, clips: 2, failed: 1, deleted: 4, files: 5, bytes: 123_456 },
         }
     }
 
@@ -472,6 +514,12 @@ mod tests {
                 ("mbt_edge_spool_bytes", &[], Some(2048.0)),
                 ("mbt_edge_spool_unwritable", &[], Some(0.0)),
                 ("mbt_edge_spool_unwritten_events", &[], Some(0.0)),
+                ("mbt_edge_evidence_written_total", &[("kind", "snapshot")], Some(3.0)),
+                ("mbt_edge_evidence_written_total", &[("kind", "clip")], Some(2.0)),
+                ("mbt_edge_evidence_failed_total", &[], Some(1.0)),
+                ("mbt_edge_evidence_deleted_total", &[], Some(4.0)),
+                ("mbt_edge_evidence_files", &[], Some(5.0)),
+                ("mbt_edge_evidence_bytes", &[], Some(123_456.0)),
             ],
         );
     }
@@ -482,7 +530,7 @@ mod tests {
         assert_eq!(families["mbt_edge_inference_latency_seconds"].0, "histogram");
         assert_eq!(families["mbt_edge_windows_built_total"].0, "counter");
         assert_eq!(families["mbt_edge_mqtt_connected"].0, "gauge");
-        assert_eq!(families.len(), 15);
+        assert_eq!(families.len(), 20);
         assert!(families.values().all(|(_, help)| !help.is_empty()));
     }
 

@@ -12,5 +12,7 @@ mod metrics;
 mod notify;
 
 pub use health::{Health, HealthInput, HealthSettings, Problem, SourceActivity, StageHeartbeat, Verdict};
-pub use metrics::{CONTENT_TYPE, EventCount, LatencyHistogram, MetricsSnapshot, SourceMetrics, render};
+pub use metrics::{
+    CONTENT_TYPE, EventCount, EvidenceMetrics, LatencyHistogram, MetricsSnapshot, SourceMetrics, render,
+};
 pub use notify::Notifier;

@@ -95,6 +95,28 @@ impl Live {
         self.send("event", data);
     }
 
+    /// A clip was written or failed (`publish::payload::clip_message`): the event's
+    /// `evidence` gains `clip_ready` (and `clip_error`), and the page hears of it.
+    pub fn clip(&self, event_id: &str, message: &[u8]) {
+        let Ok(clip) = serde_json::from_slice::<Value>(message) else { return };
+        let updated = {
+            let mut recent = self.recent();
+            let Some(known) =
+                recent.events.iter_mut().find(|known| known.get("id").and_then(Value::as_str) == Some(event_id))
+            else {
+                return;
+            };
+            if let Some(evidence) = known.get_mut("evidence").and_then(Value::as_object_mut) {
+                evidence.insert("clip_ready".into(), clip["error"].is_null().into());
+                if !clip["error"].is_null() {
+                    evidence.insert("clip_error".into(), clip["error"].clone());
+                }
+            }
+            known.to_string()
+        };
+        self.send("event", updated.into());
+    }
+
     /// A source's status changed (`online`, `degraded`, `offline`).
     pub fn status(&self, source: &str, status: &str) {
         self.send("status", json!({ "source": source, "status": status }).to_string().into());
@@ -157,6 +179,22 @@ mod tests {
         assert_eq!(live.events(1).len(), 1);
         let kinds: Vec<&str> = std::iter::from_fn(|| stream.try_recv().ok()).map(|message| message.kind).collect();
         assert_eq!(kinds, ["event", "event", "event"]);
+    }
+
+    #[test]
+    fn a_finished_clip_marks_its_event_ready_and_a_failed_one_says_why() {
+        let live = Live::new();
+        live.event(json!({ "id": "a", "type": "end", "evidence": { "clip": "s/a.webm" } }));
+        live.event(json!({ "id": "b", "type": "end", "evidence": { "clip": "s/b.webm" } }));
+        let mut stream = live.subscribe();
+        live.clip("a", br#"{"event_id":"a","clip":"s/a.webm","error":null}"#);
+        live.clip("b", br#"{"event_id":"b","clip":null,"error":"disk full"}"#);
+        live.clip("gone", br#"{"event_id":"gone","error":null}"#);
+        let events = live.events(2);
+        assert_eq!(events[1]["evidence"]["clip_ready"], json!(true));
+        assert_eq!(events[0]["evidence"]["clip_ready"], json!(false));
+        assert_eq!(events[0]["evidence"]["clip_error"], json!("disk full"));
+        assert_eq!(std::iter::from_fn(|| stream.try_recv().ok()).count(), 2);
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Handlers {
     pub sources: Arc<dyn Fn() -> Vec<SourceView> + Send + Sync>,
     /// The model's name and labels, the device id: fixed while the server runs.
     pub about: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// The bytes of an event's evidence file: `(event id, extension)` (`jpg`, `webm`, `mp4`);
+    /// `None` when there is none. Called off the server's async threads.
+    pub evidence: Arc<dyn Fn(&str, &str) -> Option<Vec<u8>> + Send + Sync>,
 }
 
 /// The HTTP server; stops on [`WebServer::stop`] or when dropped.

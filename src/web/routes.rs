@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -43,6 +43,7 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/api/about", get(about))
         .route("/api/sources", get(sources))
         .route("/api/events", get(events))
+        .route("/api/events/{id}/{file}", get(evidence))
         .route("/api/scores", get(scores))
         .route("/api/stream", get(stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -109,6 +110,26 @@ async fn index(State(state): State<AppState>, Query(query): Query<TokenQuery>) -
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
     response
+}
+
+/// `/api/events/<id>/snapshot.jpg`, `/clip.webm`, `/clip.mp4`: an event's evidence file.
+async fn evidence(State(state): State<AppState>, Path((id, file)): Path<(String, String)>) -> Response {
+    let (extension, content_type) = match file.as_str() {
+        "snapshot.jpg" => ("jpg", "image/jpeg"),
+        "clip.webm" => ("webm", "video/webm"),
+        "clip.mp4" => ("mp4", "video/mp4"),
+        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let read = state.handlers.evidence.clone();
+    let found = tokio::task::spawn_blocking(move || guarded(|| read(&id, extension))).await;
+    match found {
+        Ok(Ok(Some(bytes))) => {
+            ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "max-age=3600")], bytes).into_response()
+        }
+        Ok(Ok(None)) => text(StatusCode::NOT_FOUND, "no such evidence (not written yet, or deleted by retention)\n"),
+        Ok(Err(response)) => *response,
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "internal error (logged by the daemon)\n"),
+    }
 }
 
 async fn about(State(state): State<AppState>) -> Response {

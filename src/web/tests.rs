@@ -24,6 +24,7 @@ fn handlers(health: Result<(), String>) -> Handlers {
             }]
         }),
         about: Arc::new(|| json!({ "device": "box", "model": "demo", "labels": ["a", "b"] })),
+        evidence: Arc::new(|id, extension| (id == "e1" && extension == "jpg").then(|| b"\xff\xd8jpeg".to_vec())),
     }
 }
 
@@ -77,6 +78,20 @@ fn serves_metrics_health_and_the_page() {
     assert!(head.contains("content-type: text/javascript"), "{head}");
     assert!(body.contains("EventSource(\"api/stream\")"));
     assert_eq!(status(&server, "/page.css", ""), "HTTP/1.1 200 OK");
+}
+
+#[test]
+fn evidence_files_are_served_by_event_id_with_their_type_and_nothing_else_is() {
+    let (server, _) = start(Ok(()), Some(TOKEN));
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let (line, head, body) = get(&server, "/api/events/e1/snapshot.jpg", &auth);
+    assert_eq!(line, "HTTP/1.1 200 OK");
+    assert!(head.contains("content-type: image/jpeg"), "{head}");
+    assert!(head.contains("content-length: 6") && body.ends_with("jpeg"), "{head} {body:?}");
+    assert!(status(&server, "/api/events/e1/clip.webm", &auth).starts_with("HTTP/1.1 404 "));
+    assert!(status(&server, "/api/events/e1/passwd", &auth).starts_with("HTTP/1.1 404 "));
+    assert!(status(&server, "/api/events/..%2f..%2fetc/snapshot.jpg", &auth).starts_with("HTTP/1.1 404 "));
+    assert!(status(&server, "/api/events/e1/snapshot.jpg", "").starts_with("HTTP/1.1 401 "));
 }
 
 #[test]

@@ -1,0 +1,452 @@
+//! Evidence: a JPEG snapshot at each event's start and an audio-visual clip from `pre_roll`
+//! before its start to `post_roll` after its end, kept under `[evidence] dir` (one folder per
+//! source, files named by event id) with retention by size and age.
+//!
+//! Threads: the store thread (`evidence`) owns one [`ring::Ring`] per source, fed by the
+//! sources' evidence branches through a bounded channel (capture drops, never waits), and
+//! answers the events thread's requests at once: a snapshot is a still already encoded by
+//! GStreamer, written and handed back; a clip is planned, cut when the ring holds its
+//! post-roll, and written by the clip thread (`evidence-clip`), whose encoding may take
+//! seconds. The events thread waits for an answer at most [`ANSWER_TIMEOUT`]: a slow or
+//! full disk gives an event without evidence, flagged, never a late event.
+
+mod retention;
+mod ring;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded, select};
+use time::OffsetDateTime;
+
+use crate::capture::{self, ClipMedia};
+use crate::config::{EvidenceSettings, SourceEvidence, SourceSettings};
+use crate::events::Event;
+use crate::media::EvidenceMedia;
+use crate::telemetry;
+
+pub use retention::enforce as enforce_retention;
+use ring::Ring;
+
+/// Longest the events thread waits for the store's answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_millis(300);
+/// Media the store may be behind by before capture drops them (about 10 s of 3 sources).
+const MEDIA_CAPACITY: usize = 4096;
+/// Clips waiting for the clip thread.
+const CLIP_QUEUE: usize = 4;
+/// The ring keeps this much more than `pre_roll`: the start of an event is known a few
+/// windows (and an inference) after the fact.
+const RING_SLACK: Duration = Duration::from_secs(15);
+/// A clip whose post-roll never arrives (the source stopped) is written this long after it
+/// was due, with what there is.
+const CLIP_GRACE: Duration = Duration::from_secs(10);
+/// How often retention runs besides after each write.
+const RETENTION_PERIOD: Duration = Duration::from_secs(60);
+
+/// A snapshot written for an event's start.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Relative to the evidence dir: `<source>/<event id>.jpg`.
+    pub path: String,
+    pub jpeg: Arc<Vec<u8>>,
+}
+
+/// A clip the clip thread finished (or failed to).
+#[derive(Debug, Clone)]
+pub struct ClipDone {
+    pub event_id: String,
+    pub source: String,
+    /// Relative to the evidence dir.
+    pub path: String,
+    pub result: Result<ClipInfo, String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ClipInfo {
+    pub bytes: u64,
+    pub duration: Duration,
+}
+
+enum Request {
+    Start { event: Event, reply: Sender<Result<Snapshot, String>> },
+    End { event: Event, reply: Sender<Result<String, String>> },
+    Configure { settings: EvidenceSettings, sources: HashMap<String, SourceEvidence> },
+}
+
+/// The running store. Dropping it (or [`EvidenceStore::stop`]) writes the clips still
+/// planned with what the rings hold and joins both threads.
+pub struct EvidenceStore {
+    requests: Option<Sender<Request>>,
+    media: Sender<EvidenceMedia>,
+    done: Receiver<ClipDone>,
+    dir: PathBuf,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the events thread holds to ask the store.
+#[derive(Clone)]
+pub struct EvidenceClient {
+    requests: Sender<Request>,
+    done: Receiver<ClipDone>,
+}
+
+/// Finds evidence files for the HTTP server: `<dir>/<source>/<id>.<ext>`.
+#[derive(Clone, Debug)]
+pub struct EvidenceFiles {
+    dir: PathBuf,
+}
+
+impl EvidenceStore {
+    /// Creates the evidence dir and starts the threads. A dir that cannot be made is logged:
+    /// events go out without evidence, flagged, rather than not at all.
+    pub fn start(settings: EvidenceSettings, sources: &[SourceSettings]) -> anyhow::Result<EvidenceStore> {
+        if settings.enabled
+            && let Err(err) = std::fs::create_dir_all(&settings.dir)
+        {
+            tracing::error!(dir = %settings.dir.display(), error = %err, "cannot create the evidence dir");
+        }
+        let (requests, requests_rx) = bounded(64);
+        let (media, media_rx) = bounded(MEDIA_CAPACITY);
+        let (done_tx, done) = bounded(64);
+        let dir = settings.dir.clone();
+        let store = Store {
+            settings,
+            sources: per_source(sources),
+            rings: HashMap::new(),
+            open: HashMap::new(),
+            planned: Vec::new(),
+            clips: None,
+            done: done_tx,
+        };
+        let thread = std::thread::Builder::new()
+            .name("evidence".into())
+            .spawn(move || store.run(requests_rx, media_rx))
+            .map_err(|err| anyhow::anyhow!("spawning the evidence thread: {err}"))?;
+        Ok(EvidenceStore { requests: Some(requests), media, done, dir, thread: Some(thread) })
+    }
+
+    /// Where sources send their evidence media.
+    pub fn media(&self) -> Sender<EvidenceMedia> {
+        self.media.clone()
+    }
+
+    pub fn client(&self) -> EvidenceClient {
+        EvidenceClient { requests: self.requests.clone().expect("set until stop"), done: self.done.clone() }
+    }
+
+    pub fn files(&self) -> EvidenceFiles {
+        EvidenceFiles { dir: self.dir.clone() }
+    }
+
+    /// New settings (a reload); sources that changed were restarted by then.
+    pub fn configure(&self, settings: EvidenceSettings, sources: &[SourceSettings]) {
+        if let Some(requests) = &self.requests {
+            let _ = requests.send(Request::Configure { settings, sources: per_source(sources) });
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // The thread ends once every request sender is gone (clients included) and it has
+        // written its planned clips.
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for EvidenceStore {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl EvidenceClient {
+    /// A snapshot for `event`'s start; `Err` says why there is none.
+    pub fn snapshot(&self, event: &Event) -> Result<Snapshot, String> {
+        let (reply, answer) = bounded(1);
+        self.ask(Request::Start { event: event.clone(), reply }, &answer)
+    }
+
+    /// Plans `event`'s clip; the path it will have, or why there will be none. The clip comes
+    /// out on [`EvidenceClient::clips_done`] once the post-roll has passed.
+    pub fn clip(&self, event: &Event) -> Result<String, String> {
+        let (reply, answer) = bounded(1);
+        self.ask(Request::End { event: event.clone(), reply }, &answer)
+    }
+
+    pub fn clips_done(&self) -> &Receiver<ClipDone> {
+        &self.done
+    }
+
+    fn ask<T>(&self, request: Request, answer: &Receiver<Result<T, String>>) -> Result<T, String> {
+        self.requests.try_send(request).map_err(|_| "the evidence store is busy".to_string())?;
+        answer.recv_timeout(ANSWER_TIMEOUT).unwrap_or_else(|_| Err("the evidence store did not answer in time".into()))
+    }
+}
+
+impl EvidenceFiles {
+    /// The bytes of `<id>.<ext>` of any source, when `id` is an event id the daemon could
+    /// have made (so nothing outside the dir is ever read).
+    pub fn read(&self, id: &str, extension: &str) -> Option<Vec<u8>> {
+        let valid = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !valid || !matches!(extension, "jpg" | "webm" | "mp4") {
+            return None;
+        }
+        for entry in std::fs::read_dir(&self.dir).ok()?.flatten() {
+            let path = entry.path().join(format!("{id}.{extension}"));
+            if let Ok(bytes) = std::fs::read(&path) {
+                return Some(bytes);
+            }
+        }
+        None
+    }
+}
+
+fn per_source(sources: &[SourceSettings]) -> HashMap<String, SourceEvidence> {
+    sources.iter().map(|source| (source.name.clone(), source.evidence)).collect()
+}
+
+/// A clip waiting for its post-roll.
+struct Planned {
+    event_id: String,
+    source: String,
+    path: String,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+    due: Instant,
+}
+
+struct ClipJob {
+    planned: Planned,
+    media: ClipMedia,
+}
+
+struct Store {
+    settings: EvidenceSettings,
+    sources: HashMap<String, SourceEvidence>,
+    rings: HashMap<String, Ring>,
+    /// Open events: id -> (source, start time), so their start stays in the ring.
+    open: HashMap<String, (String, OffsetDateTime)>,
+    planned: Vec<Planned>,
+    clips: Option<(Sender<ClipJob>, JoinHandle<()>)>,
+    done: Sender<ClipDone>,
+}
+
+impl Store {
+    fn run(mut self, requests: Receiver<Request>, media: Receiver<EvidenceMedia>) {
+        let mut last_retention = Instant::now() - RETENTION_PERIOD;
+        let mut requests_open = true;
+        while requests_open {
+            select! {
+                recv(media) -> message => if let Ok(media) = message {
+                    self.take(media);
+                },
+                recv(requests) -> message => match message {
+                    Ok(request) => self.answer(request),
+                    Err(_) => requests_open = false,
+                },
+                default(Duration::from_millis(200)) => {}
+            }
+            self.cut_ready(false);
+            telemetry::evidence_rings(self.rings.values().map(|ring| ring.bytes() as u64).sum());
+            if last_retention.elapsed() >= RETENTION_PERIOD {
+                last_retention = Instant::now();
+                retention::enforce(&self.settings.dir, self.settings.max_bytes, self.settings.max_age);
+            }
+        }
+        // Stopping: what arrived is all there will be.
+        while let Ok(message) = media.try_recv() {
+            self.take(message);
+        }
+        self.cut_ready(true);
+        if let Some((jobs, thread)) = self.clips.take() {
+            drop(jobs);
+            let _ = thread.join();
+        }
+    }
+
+    fn take(&mut self, media: EvidenceMedia) {
+        let source = media.source.to_string();
+        let Some(settings) = self.sources.get(&source).copied() else { return };
+        let ring = self.rings.entry(source.clone()).or_default();
+        ring.push(media.utc, media.kind);
+        // Keep pre-roll plus slack, and every open event's start minus pre-roll, but never
+        // more than the longest clip.
+        let newest = ring.newest().unwrap_or(media.utc);
+        let mut keep_from = newest - (settings.pre_roll + RING_SLACK);
+        for (open_source, start) in self.open.values() {
+            if *open_source == source {
+                keep_from = keep_from.min(*start - settings.pre_roll);
+            }
+        }
+        let longest = self.settings.max_clip + settings.pre_roll + settings.post_roll + RING_SLACK;
+        keep_from = keep_from.max(newest - longest);
+        ring.trim(keep_from);
+    }
+
+    fn answer(&mut self, request: Request) {
+        match request {
+            Request::Configure { settings, sources } => {
+                self.settings = settings;
+                self.sources = sources;
+                self.rings.retain(|source, _| self.sources.get(source).is_some_and(|s| s.enabled));
+            }
+            Request::Start { event, reply } => {
+                self.open.insert(event.id.clone(), (event.source.clone(), event.start_time));
+                let _ = reply.send(self.snapshot(&event));
+            }
+            Request::End { event, reply } => {
+                self.open.remove(&event.id);
+                let _ = reply.send(self.plan(&event));
+            }
+        }
+    }
+
+    fn snapshot(&self, event: &Event) -> Result<Snapshot, String> {
+        let fail = |reason: String| {
+            telemetry::evidence_failed(&event.source, "snapshot", &reason);
+            Err(reason)
+        };
+        let ring = self.rings.get(&event.source).ok_or_else(|| "no evidence from this source yet".to_string())?;
+        let middle = event.window_start + (event.window_end - event.window_start) / 2;
+        let Some(jpeg) = ring.still_near(middle) else { return fail("no frame to show".into()) };
+        let path = format!("{}/{}.jpg", event.source, event.id);
+        match write_file(&self.settings.dir.join(&path), &jpeg) {
+            Ok(()) => {
+                telemetry::evidence_written(&event.source, "snapshot", Path::new(&path), jpeg.len() as u64);
+                retention::enforce(&self.settings.dir, self.settings.max_bytes, self.settings.max_age);
+                Ok(Snapshot { path, jpeg })
+            }
+            Err(err) => fail(format!("cannot write {path}: {err}")),
+        }
+    }
+
+    fn plan(&mut self, event: &Event) -> Result<String, String> {
+        let Some(settings) = self.sources.get(&event.source).copied().filter(|settings| settings.enabled) else {
+            return Err("no evidence for this source".into());
+        };
+        let Some(ring) = self.rings.get(&event.source) else { return Err("no evidence from this source yet".into()) };
+        let end = event.end_time.unwrap_or(event.window_end);
+        let extension = if ring.copies_video() { "mp4" } else { "webm" };
+        let path = format!("{}/{}.{extension}", event.source, event.id);
+        let mut from = event.start_time - settings.pre_roll;
+        let to = end + settings.post_roll;
+        if to - from > self.settings.max_clip {
+            from = to - self.settings.max_clip;
+        }
+        // Due once the post-roll has been lived through, on the wall clock.
+        let wait = Duration::try_from(to - OffsetDateTime::now_utc()).unwrap_or_default();
+        self.planned.push(Planned {
+            event_id: event.id.clone(),
+            source: event.source.clone(),
+            path: path.clone(),
+            from,
+            to,
+            due: Instant::now() + wait,
+        });
+        Ok(path)
+    }
+
+    /// Cuts and hands to the clip thread every planned clip whose post-roll the ring holds
+    /// (or that is overdue, or all of them when `stopping`).
+    fn cut_ready(&mut self, stopping: bool) {
+        let mut idx = 0;
+        while idx < self.planned.len() {
+            let planned = &self.planned[idx];
+            let newest = self.rings.get(&planned.source).and_then(Ring::newest);
+            let ready = stopping
+                || newest.is_some_and(|newest| newest >= planned.to)
+                || Instant::now() >= planned.due + CLIP_GRACE;
+            if !ready {
+                idx += 1;
+                continue;
+            }
+            let planned = self.planned.swap_remove(idx);
+            let media = self.rings.get(&planned.source).and_then(|ring| ring.cut(planned.from, planned.to));
+            match media {
+                Some(media) => self.hand_over(ClipJob { planned, media }),
+                None => self.finish(planned, Err("nothing of the event was kept".into())),
+            }
+        }
+    }
+
+    fn hand_over(&mut self, job: ClipJob) {
+        if self.clips.is_none() {
+            let (jobs, jobs_rx) = bounded::<ClipJob>(CLIP_QUEUE);
+            let dir = self.settings.dir.clone();
+            let done = self.done.clone();
+            let limits = (self.settings.max_bytes, self.settings.max_age);
+            match std::thread::Builder::new().name("evidence-clip".into()).spawn(move || {
+                for job in jobs_rx {
+                    let outcome = write_job(&dir, job);
+                    retention::enforce(&dir, limits.0, limits.1);
+                    let _ = done.try_send(outcome);
+                }
+            }) {
+                Ok(thread) => self.clips = Some((jobs, thread)),
+                Err(err) => return self.finish(job.planned, Err(format!("cannot start the clip thread: {err}"))),
+            }
+        }
+        let (jobs, _) = self.clips.as_ref().expect("started above");
+        if let Err(err) = jobs.try_send(job) {
+            let job = err.into_inner();
+            self.finish(job.planned, Err("the clip writer is busy with other clips".into()));
+        }
+    }
+
+    fn finish(&self, planned: Planned, result: Result<ClipInfo, String>) {
+        if let Err(reason) = &result {
+            telemetry::evidence_failed(&planned.source, "clip", reason);
+        }
+        let _ = self.done.try_send(ClipDone {
+            event_id: planned.event_id,
+            source: planned.source,
+            path: planned.path,
+            result,
+        });
+    }
+}
+
+fn write_job(dir: &Path, job: ClipJob) -> ClipDone {
+    let ClipJob { planned, media } = job;
+    let target = dir.join(&planned.path);
+    let duration = media.length;
+    let result = (|| {
+        let folder = target.parent().ok_or("no folder")?;
+        std::fs::create_dir_all(folder).map_err(|err| format!("cannot create {}: {err}", folder.display()))?;
+        let partial = folder.join(format!(".{}.part", planned.event_id));
+        let written = capture::write_clip(media, &partial)
+            .and_then(|()| std::fs::rename(&partial, &target).map_err(anyhow::Error::from));
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(format!("cannot write {}: {err:#}", planned.path));
+        }
+        let bytes = std::fs::metadata(&target).map(|meta| meta.len()).unwrap_or(0);
+        Ok(ClipInfo { bytes, duration })
+    })();
+    match &result {
+        Ok(info) => telemetry::evidence_written(&planned.source, "clip", Path::new(&planned.path), info.bytes),
+        Err(reason) => telemetry::evidence_failed(&planned.source, "clip", reason),
+    }
+    ClipDone { event_id: planned.event_id, source: planned.source, path: planned.path, result }
+}
+
+/// Writes `bytes` to `path` whole: a temporary file renamed over it.
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let folder = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(folder)?;
+    let partial = folder.join(format!(".{}.part", path.file_name().and_then(|n| n.to_str()).unwrap_or("evidence")));
+    let written = std::fs::write(&partial, bytes).and_then(|()| std::fs::rename(&partial, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
