@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::{Broker, ConfigParts, Daemon, Subscriber, free_port, http_get, metric, repo, schema_path, validate};
 use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
 
 fn demo_model() -> PathBuf {
     repo().join("models/avsynth-edge.onnx")
@@ -424,7 +425,12 @@ fn a_full_spool_disk_while_the_broker_is_down_loses_no_event_and_health_says_so(
     let disk = common::TinyDisk::mount("256k");
     let spool = disk.path().join("spool");
     let port = free_port();
-    let body = format!("{}\n{DEMO_EVENTS}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n", tour_source());
+    // Evidence off the tiny disk: this test is about the spool (the next one fills evidence's).
+    let body = format!(
+        "{}\n{DEMO_EVENTS}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[evidence]\ndir = \"{}\"\n",
+        tour_source(),
+        dir.path().join("evidence").display()
+    );
     let parts = ConfigParts {
         device: "box",
         model: demo_model(),
@@ -492,4 +498,177 @@ fn a_full_spool_disk_while_the_broker_is_down_loses_no_event_and_health_says_so(
         assert!(started.contains(end["id"].as_str().unwrap()), "an end without its start: {end}");
     }
     assert!(all.iter().any(|event| event["replayed"] == true), "events waited out the outage");
+}
+
+/// The tour's rings_tone (a tinted zone plate and a 660 Hz sine): its `start` carries a
+/// snapshot (a JPEG at the configured width that is not black, retained on MQTT, served over
+/// HTTP), its `end` a clip that gst-discoverer reads as WebM with video and audio, as long as
+/// pre_roll + the event + post_roll, whose audio peaks at 660 Hz. Old files beyond max_bytes
+/// are deleted oldest first, and each deletion is counted in /metrics and the stats message.
+#[test]
+fn an_event_gets_a_snapshot_and_a_clip_with_its_sound_and_retention_counts_what_it_deletes() {
+    let broker = Broker::start("");
+    let subscriber = Subscriber::start(broker.port, "mbt-edge/#");
+    let dir = tempfile::tempdir().unwrap();
+    let evidence = dir.path().join("evidence");
+    // 1.8 MB of old files (an hour old, oldest first) against a 1 MiB limit.
+    let old = evidence.join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    for idx in 0..6u64 {
+        let path = old.join(format!("{idx}.jpg"));
+        std::fs::write(&path, vec![0u8; 300_000]).unwrap();
+        let at = std::time::SystemTime::now() - Duration::from_secs(3600 - idx);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(at).unwrap();
+    }
+    let port = free_port();
+    let body = format!(
+        "{}\n{DEMO_EVENTS}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[evidence]\ndir = \"evidence\"\n\
+         pre_roll = 3\npost_roll = 2\nsnapshot_width = 96\nmax_bytes = \"1MiB\"\n",
+        tour_source()
+    );
+    let config = write_config(dir.path(), broker.port, "", &body);
+    // Home Assistant discovery on, for the image entity.
+    let text = std::fs::read_to_string(&config).unwrap().replace("[mqtt]\n", "[mqtt]\nhome_assistant = true\n");
+    std::fs::write(&config, text).unwrap();
+    let daemon = Daemon::start(&config, "run");
+    let clip_of = |messages: &[(String, String)], id: &str| {
+        messages
+            .iter()
+            .filter(|(topic, _)| topic == "mbt-edge/box/tour/clip")
+            .filter_map(|(_, payload)| serde_json::from_str::<Value>(payload).ok())
+            .find(|clip| clip["event_id"] == id)
+    };
+    let rings_end = |messages: &[(String, String)]| {
+        events(messages).into_iter().find(|event| event["label"] == "rings_tone" && event["type"] == "end")
+    };
+    subscriber.wait_for("rings_tone's clip", Duration::from_secs(120), |messages| {
+        rings_end(messages).is_some_and(|end| clip_of(messages, end["id"].as_str().unwrap()).is_some())
+    });
+    let messages = subscriber.messages();
+    let end = rings_end(&messages).unwrap();
+    let id = end["id"].as_str().unwrap().to_string();
+    let start = events(&messages).into_iter().find(|event| event["id"] == id.as_str() && event["type"] == "start");
+    let start = start.expect("the start of the event");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(schema_path()).unwrap()).unwrap();
+    for event in [&start, &end] {
+        assert_eq!(validate(&schema, event, "$"), Vec::<String>::new(), "{event}");
+    }
+
+    // The snapshot: a 96 x 72 JPEG (the tour is 160 x 120), not black.
+    assert_eq!(start["evidence"]["snapshot"], format!("tour/{id}.jpg"), "{start}");
+    assert_eq!(start["evidence"]["snapshot_url"], format!("/api/events/{id}/snapshot.jpg"));
+    assert!(start["evidence"]["error"].is_null(), "{start}");
+    let snapshot = evidence.join(format!("tour/{id}.jpg"));
+    let report = common::discover(&snapshot);
+    assert!(report.contains("Width: 96") && report.contains("Height: 72"), "{report}");
+    let gray =
+        common::decode(&snapshot, "video/x-raw,format=GRAY8,width=96,height=72", &dir.path().join("gray.raw"), false);
+    assert_eq!(gray.len(), 96 * 72);
+    let mean = gray.iter().map(|v| f64::from(*v)).sum::<f64>() / gray.len() as f64;
+    let bright = gray.iter().filter(|v| **v > 60).count();
+    assert!(mean > 40.0 && bright > gray.len() / 4, "a black snapshot: mean {mean}, {bright} bright pixels");
+    // Served over HTTP with the same bytes.
+    let jpeg = std::fs::read(&snapshot).unwrap();
+    let (status, served) = common::http_get_bytes(port, &format!("/api/events/{id}/snapshot.jpg")).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(served, jpeg);
+    // Retained on MQTT: a subscriber that comes later gets the latest start's JPEG.
+    let retained = |topic: &str| {
+        let output = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-t", topic, "-C", "1", "-W", "5", "-N"])
+            .output()
+            .unwrap();
+        output.stdout
+    };
+    let jpeg_retained = retained("mbt-edge/box/tour/snapshot");
+    assert!(jpeg_retained.starts_with(&[0xff, 0xd8]), "a retained JPEG ({} bytes)", jpeg_retained.len());
+    let discovery: Value = serde_json::from_slice(&retained("homeassistant/image/box/tour_snapshot/config"))
+        .expect("the image entity's retained discovery");
+    assert_eq!(discovery["image_topic"], "mbt-edge/box/tour/snapshot");
+    assert_eq!(discovery["content_type"], "image/jpeg");
+
+    // The clip: WebM with VP8 and Opus, pre_roll + the event + post_roll long.
+    assert_eq!(end["evidence"]["clip"], format!("tour/{id}.webm"), "{end}");
+    assert_eq!(end["evidence"]["snapshot"], start["evidence"]["snapshot"], "end carries the snapshot on");
+    let clip_message = clip_of(&messages, &id).unwrap();
+    assert!(clip_message["error"].is_null(), "{clip_message}");
+    let clip = evidence.join(format!("tour/{id}.webm"));
+    let report = common::discover(&clip);
+    assert!(report.contains("container #0: WebM") || report.contains("WebM"), "{report}");
+    assert!(report.contains("video #") && report.contains("VP8"), "{report}");
+    assert!(report.contains("audio #") && report.contains("Opus"), "{report}");
+    let time = |value: &Value| time::OffsetDateTime::parse(value.as_str().unwrap(), &Rfc3339).unwrap();
+    let event_seconds = (time(&end["end_time"]) - time(&end["start_time"])).as_seconds_f64();
+    let expected = 3.0 + event_seconds + 2.0;
+    let seconds = common::discovered_seconds(&report);
+    assert!((seconds - expected).abs() <= 0.5, "clip {seconds} s, expected {expected} s\n{report}");
+    let (status, served) = common::http_get_bytes(port, &format!("/api/events/{id}/clip.webm")).unwrap();
+    assert_eq!((status, served.len() as u64), (200, std::fs::metadata(&clip).unwrap().len()));
+    // The sound of the event: the middle second of it peaks at the tour's 660 Hz.
+    let raw =
+        common::decode(&clip, "audio/x-raw,format=F32LE,channels=1,rate=16000", &dir.path().join("clip.raw"), true);
+    let samples: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let middle = ((3.0 + event_seconds / 2.0) * 16_000.0) as usize;
+    let peak = common::spectral_peak(&samples[middle - 8000..middle + 8000], 16_000.0);
+    assert!((peak - 660.0).abs() <= 10.0, "the clip's audio peaks at {peak} Hz, not 660 Hz");
+
+    // Retention: the oldest files went first and the folder is within max_bytes again.
+    let files: Vec<PathBuf> = std::fs::read_dir(&evidence)
+        .unwrap()
+        .flat_map(|folder| std::fs::read_dir(folder.unwrap().path()).unwrap())
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| !path.file_name().unwrap().to_str().unwrap().ends_with(".part"))
+        .collect();
+    let total: u64 = files.iter().map(|path| std::fs::metadata(path).unwrap().len()).sum();
+    assert!(total <= 1 << 20, "{total} bytes kept: {files:?}");
+    assert!(!old.join("0.jpg").exists() && !old.join("1.jpg").exists(), "the oldest went first: {files:?}");
+    assert!(snapshot.exists() && clip.exists());
+    let metrics = http_get(port, "/metrics").unwrap().1;
+    let written = metric(&metrics, "mbt_edge_evidence_written_total", "kind=\"snapshot\"").unwrap()
+        + metric(&metrics, "mbt_edge_evidence_written_total", "kind=\"clip\"").unwrap();
+    let deleted = metric(&metrics, "mbt_edge_evidence_deleted_total", "").unwrap();
+    // Every file that was there or written and is gone was deleted and counted (a clip may
+    // be written between the listing and the scrape: at most one more).
+    let gone = 6.0 + written - files.len() as f64;
+    assert!(deleted >= 3.0 && (deleted - gone).abs() <= 1.0, "deleted {deleted}, gone {gone}\n{metrics}");
+    assert_eq!(metric(&metrics, "mbt_edge_evidence_failed_total", ""), Some(0.0), "{metrics}");
+    subscriber.wait_for("the stats message counting the deletions", Duration::from_secs(40), |messages| {
+        messages.iter().filter(|(topic, _)| topic == "mbt-edge/box/stats").any(|(_, payload)| {
+            serde_json::from_str::<Value>(payload)
+                .is_ok_and(|stats| stats["runtime"]["evidence"]["deleted"].as_f64().is_some_and(|n| n >= 3.0))
+        })
+    });
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Evidence on a disk that is full: events still go out at once, each flagged with why it
+/// has no snapshot, and the failure is counted.
+#[test]
+fn a_full_evidence_disk_never_holds_up_an_event_it_goes_out_flagged() {
+    let broker = Broker::start("");
+    let subscriber = Subscriber::start(broker.port, "mbt-edge/+/+/events");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = common::TinyDisk::mount("64k");
+    let _filler = disk.fill();
+    let port = free_port();
+    let body = format!(
+        "{}\n{DEMO_EVENTS}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[evidence]\ndir = \"{}\"\n",
+        ball_tone_source("yard"),
+        disk.path().display()
+    );
+    let config = write_config(dir.path(), broker.port, "", &body);
+    let daemon = Daemon::start(&config, "run");
+    subscriber.wait_for("a start", Duration::from_secs(60), |messages| {
+        events(messages).iter().any(|event| event["type"] == "start")
+    });
+    let start = events(&subscriber.messages()).into_iter().find(|event| event["type"] == "start").unwrap();
+    assert_eq!(start["label"], "ball_tone", "{start}");
+    assert!(start["evidence"]["snapshot"].is_null(), "{start}");
+    let error = start["evidence"]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("snapshot: cannot write") && error.contains("space"), "{start}");
+    let metrics = http_get(port, "/metrics").unwrap().1;
+    assert!(metric(&metrics, "mbt_edge_evidence_failed_total", "").unwrap() >= 1.0, "{metrics}");
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
 }

@@ -480,3 +480,98 @@ fn rtsp_server_back_with_other_formats_still_gives_exact_windows() {
         check_rtsp_window(window, 1_000.0);
     }
 }
+
+/// An RTSP camera's evidence: stills for snapshots at the evidence width, and a clip that is
+/// the camera's own H.264 (the clip has the camera's 320 x 240 while the stills are 160
+/// wide: nothing was decoded and encoded again) in MP4 with the audio in Opus, from the
+/// keyframe before `pre_roll` to `post_roll` after the end, its audio the camera's tone.
+#[test]
+fn rtsp_evidence_keeps_the_cameras_h264_in_an_mp4_clip_with_its_sound() {
+    use mbt_edge::config::{EvidenceSettings, SourceEvidence};
+    use mbt_edge::events::{Event, EventKind, LabelScores};
+    use mbt_edge::evidence::EvidenceStore;
+
+    let _turn = rtsp_turn();
+    let server = common::RtspServer::start(rtsp_media(320, 240, "pcma", 8_000, 440.0));
+    let dir = tempfile::tempdir().unwrap();
+    let source = rtsp_source(&server, None);
+    let per_source = SourceEvidence {
+        pre_roll: Duration::from_secs(1),
+        post_roll: Duration::from_secs(1),
+        ..SourceEvidence::default()
+    };
+    let mut source = source;
+    source.evidence = per_source;
+    let settings = EvidenceSettings {
+        enabled: true,
+        dir: dir.path().join("evidence"),
+        max_bytes: 1 << 30,
+        max_age: Duration::from_secs(3600),
+        max_clip: Duration::from_secs(60),
+        default: per_source,
+    };
+    let store = EvidenceStore::start(settings, std::slice::from_ref(&source)).unwrap();
+    let (sender, receiver) = bounded(256);
+    let evidence = capture::EvidenceFormat { width: 160, fps: 5, copy: true };
+    let options =
+        CaptureOptions { format: format(), mode: SinkMode { sync: false }, lossless: false, evidence: Some(evidence) };
+    let handle = capture::spawn(0, source.clone(), options, sender, Some(store.media())).expect("spawn");
+    // Six seconds of the camera after its first buffer: the clip below starts 3.5 s back,
+    // with a keyframe (one a second) before that held.
+    let mut started = None;
+    let mut statuses = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while started.is_none_or(|at: Instant| at.elapsed() < Duration::from_secs(6)) {
+        assert!(Instant::now() < deadline, "the camera never started: {statuses:?}");
+        match next(&receiver) {
+            Some(CaptureEvent::Started { .. }) => started = started.or(Some(Instant::now())),
+            Some(CaptureEvent::Status { status, detail, .. }) => statuses.push((status, detail)),
+            _ => {}
+        }
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let event = |kind: EventKind| Event {
+        kind,
+        id: "6f1e3a52-0c4b-4d8e-9a6f-2b7c1d9e8f00".into(),
+        source: source.name.clone(),
+        label: "tone".into(),
+        score: 0.9,
+        peak_score: 0.9,
+        scores: LabelScores { fused: 0.9, audio: None, video: None },
+        start_time: now - Duration::from_millis(2500),
+        end_time: (kind == EventKind::End).then(|| now - Duration::from_millis(1500)),
+        window_start: now - Duration::from_millis(3500),
+        window_end: now - Duration::from_millis(2500),
+        degraded: None,
+    };
+    let client = store.client();
+    let snapshot = client.snapshot(&event(EventKind::Start)).expect("a snapshot");
+    let path = client.clip(&event(EventKind::End)).expect("a clip planned");
+    assert_eq!(path, format!("{}/6f1e3a52-0c4b-4d8e-9a6f-2b7c1d9e8f00.mp4", source.name));
+    let done = client.clips_done().recv_timeout(Duration::from_secs(30)).expect("the clip written");
+    // Drain capture while the clip is written, then stop.
+    while receiver.try_recv().is_ok() {}
+    handle.join();
+    let info = done.result.expect("written");
+    let evidence_dir = dir.path().join("evidence");
+
+    let still = evidence_dir.join(&snapshot.path);
+    let report = common::discover(&still);
+    assert!(report.contains("Width: 160") && report.contains("Height: 120"), "{report}");
+
+    let clip = evidence_dir.join(&path);
+    let report = common::discover(&clip);
+    assert!(report.contains("H.264"), "{report}");
+    assert!(report.contains("Width: 320") && report.contains("Height: 240"), "the camera's own size: {report}");
+    assert!(report.contains("Opus"), "{report}");
+    // pre_roll + 1 s + post_roll = 3 s, from the keyframe before (the camera sends one a second).
+    let seconds = common::discovered_seconds(&report);
+    assert!((3.0..=4.1).contains(&seconds), "clip {seconds} s\n{report}");
+    assert!((info.duration.as_secs_f64() - seconds).abs() < 0.5, "{:?} vs {seconds}", info.duration);
+    let raw = common::decode(&clip, "audio/x-raw,format=F32LE,channels=1,rate=16000", &dir.path().join("a.raw"), true);
+    let samples: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let middle = samples.len() / 2;
+    let peak = common::spectral_peak(&samples[middle - 4000..middle + 4000], 16_000.0);
+    assert!((peak - 440.0).abs() <= 10.0, "the clip's audio peaks at {peak} Hz");
+    store.stop();
+}

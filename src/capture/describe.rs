@@ -146,11 +146,13 @@ fn video_tail(width: u32, height: u32, max_fps: Option<u32>, mode: SinkMode) -> 
     )
 }
 
+/// Stills at most `width` wide (a smaller camera keeps its size; the height keeps the aspect
+/// ratio), at most `fps` a second, JPEG-encoded by GStreamer.
 fn jpeg_tail(evidence: EvidenceFormat) -> String {
     format!(
         "queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 leaky=downstream ! \
          videorate drop-only=true max-rate={} ! videoscale ! videoconvert ! \
-         video/x-raw,format=I420,width={},pixel-aspect-ratio=1/1 ! jpegenc quality=85 ! \
+         video/x-raw,format=I420,width=[16,{}],pixel-aspect-ratio=1/1 ! jpegenc quality=85 ! \
          appsink name={JPEG_SINK} sync=false max-buffers=4 drop=true enable-last-sample=false",
         evidence.fps, evidence.width
     )
@@ -300,7 +302,9 @@ mod tests {
     #[test]
     fn evidence_stills_are_jpeg_at_the_configured_width_beside_the_model_frames() {
         let text = with_evidence(SourceKind::Uri { uri: "file:///x.webm".into() }, true);
-        for part in ["tee name=evt", "format=RGB,width=64,height=48", "width=640,pixel-aspect-ratio=1/1", "jpegenc"] {
+        for part in
+            ["tee name=evt", "format=RGB,width=64,height=48", "width=[16,640],pixel-aspect-ratio=1/1", "jpegenc"]
+        {
             assert!(text.contains(part), "{part:?} missing in {text}");
         }
         assert!(text.contains("max-rate=5"), "{text}");

@@ -22,8 +22,9 @@ pub struct RawEvidence {
     pub pre_roll: Option<Spanned<RawDuration>>,
     /// A clip ends this long after the event's end. Default 5 s.
     pub post_roll: Option<Spanned<RawDuration>>,
-    /// Width of snapshots and of the clips of raw sources, in pixels (the height keeps the
-    /// aspect ratio). Default 640.
+    /// Most width of snapshots and of the clips of raw sources, in pixels: larger frames are
+    /// scaled down to it (the height keeps the aspect ratio), smaller ones keep their size.
+    /// Default 640.
     pub snapshot_width: Option<Spanned<i64>>,
     /// Frames per second kept for snapshots and for the clips of raw sources. Default 5.
     pub fps: Option<Spanned<i64>>,

@@ -226,16 +226,23 @@ impl PublisherSlot {
 }
 
 /// Owns the event engine and the publisher until both input channels close.
+/// What the events thread listens to: scored windows, notices from the main thread, and
+/// the evidence store it asks for snapshots and clips (`None`: no evidence is kept).
+pub(super) struct EventsInputs {
+    pub(super) results: Receiver<ScoredWindow>,
+    pub(super) notices: Receiver<Notice>,
+    pub(super) evidence: Option<EvidenceClient>,
+}
+
 pub(super) fn events_loop(
     mut engine: EventEngine,
     publisher: Publisher,
     config: PublishConfig,
     mut controls: Controls,
-    results: Receiver<ScoredWindow>,
-    notices: Receiver<Notice>,
+    inputs: EventsInputs,
     state: &DaemonState,
-    evidence: Option<EvidenceClient>,
 ) {
+    let EventsInputs { results, notices, evidence } = inputs;
     for (source, label, over) in controls.iter() {
         tracing::info!(source, label, enabled = ?over.enabled, threshold = ?over.threshold, "control from MQTT in force");
         engine.set_override(source, label, *over);

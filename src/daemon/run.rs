@@ -65,12 +65,10 @@ pub fn run(config: &Path) -> Result<(), Failure> {
     let evidence = EvidenceStore::start(settings.evidence.clone(), &settings.sources).map_err(Failure::other)?;
     let events_thread = {
         let state = state.clone();
-        let client = Some(evidence.client());
+        let inputs = events::EventsInputs { results, notices, evidence: Some(evidence.client()) };
         std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || {
-                events::events_loop(engine, publisher, publish_config, controls, results, notices, &state, client)
-            })
+            .spawn(move || events::events_loop(engine, publisher, publish_config, controls, inputs, &state))
             .map_err(Failure::other)?
     };
     let about = serde_json::json!({

@@ -71,9 +71,20 @@ pub struct ClipInfo {
 }
 
 enum Request {
-    Start { event: Event, reply: Sender<Result<Snapshot, String>> },
-    End { event: Event, reply: Sender<Result<String, String>> },
-    Configure { settings: EvidenceSettings, sources: HashMap<String, SourceEvidence> },
+    Start {
+        event: Event,
+        reply: Sender<Result<Snapshot, String>>,
+    },
+    End {
+        event: Event,
+        reply: Sender<Result<String, String>>,
+    },
+    Configure {
+        settings: EvidenceSettings,
+        sources: HashMap<String, SourceEvidence>,
+    },
+    /// Write the planned clips with what the rings hold, then end.
+    Stop,
 }
 
 /// The running store. Dropping it (or [`EvidenceStore::stop`]) writes the clips still
@@ -153,9 +164,10 @@ impl EvidenceStore {
     }
 
     fn shutdown(&mut self) {
-        // The thread ends once every request sender is gone (clients included) and it has
-        // written its planned clips.
-        self.requests.take();
+        // The thread writes its planned clips and ends (clients left over get "busy").
+        if let Some(requests) = self.requests.take() {
+            let _ = requests.send(Request::Stop);
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -250,8 +262,8 @@ impl Store {
                     self.take(media);
                 },
                 recv(requests) -> message => match message {
+                    Ok(Request::Stop) | Err(_) => requests_open = false,
                     Ok(request) => self.answer(request),
-                    Err(_) => requests_open = false,
                 },
                 default(Duration::from_millis(200)) => {}
             }
@@ -307,6 +319,7 @@ impl Store {
                 self.open.remove(&event.id);
                 let _ = reply.send(self.plan(&event));
             }
+            Request::Stop => {}
         }
     }
 

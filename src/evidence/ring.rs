@@ -109,8 +109,8 @@ impl Ring {
             let key = self
                 .h264
                 .iter()
-                .filter(|unit| unit.keyframe && unit.utc <= from)
-                .last()
+                .rev()
+                .find(|unit| unit.keyframe && unit.utc <= from)
                 .or_else(|| self.h264.iter().find(|unit| unit.keyframe && unit.utc < to))?;
             base = key.utc;
         } else {

@@ -60,8 +60,11 @@ pub struct Handlers {
     pub about: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// The bytes of an event's evidence file: `(event id, extension)` (`jpg`, `webm`, `mp4`);
     /// `None` when there is none. Called off the server's async threads.
-    pub evidence: Arc<dyn Fn(&str, &str) -> Option<Vec<u8>> + Send + Sync>,
+    pub evidence: EvidenceReader,
 }
+
+/// Reads an event's evidence file: `(event id, extension)` -> its bytes.
+pub type EvidenceReader = Arc<dyn Fn(&str, &str) -> Option<Vec<u8>> + Send + Sync>;
 
 /// The HTTP server; stops on [`WebServer::stop`] or when dropped.
 pub struct WebServer {

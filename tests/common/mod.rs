@@ -338,8 +338,8 @@ impl Subscriber {
 
     /// (topic, payload) pairs received so far.
     pub fn messages(&self) -> Vec<(String, String)> {
-        std::fs::read_to_string(&self.output)
-            .unwrap_or_default()
+        // Snapshots are JPEG bytes: read lossily (their lines are noise no test looks at).
+        String::from_utf8_lossy(&std::fs::read(&self.output).unwrap_or_default())
             .lines()
             .filter_map(|line| line.split_once(' ').map(|(topic, payload)| (topic.to_string(), payload.to_string())))
             .collect()
@@ -377,15 +377,22 @@ pub fn mqtt_publish(port: u16, topic: &str, payload: &str) {
 
 /// `GET path` on `127.0.0.1:port` with a plain HTTP/1.1 request: (status code, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let (status, body) = http_get_bytes(port, path)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// [`http_get`] for a binary body (an image, a clip).
+pub fn http_get_bytes(port: u16, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
-    Ok((status, body))
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").map_or(response.len(), |at| at + 4);
+    let head = String::from_utf8_lossy(&response[..split]);
+    let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    Ok((status, response[split..].to_vec()))
 }
 
 /// The value of the Prometheus sample `name{labels}` (labels exactly as rendered, e.g.
@@ -487,4 +494,52 @@ fn is_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
         && groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// `gst-discoverer-1.0 path`'s report.
+pub fn discover(path: &Path) -> String {
+    let output = Command::new("gst-discoverer-1.0")
+        .arg(path)
+        .output()
+        .expect("gst-discoverer-1.0 is installed (apt-get install gstreamer1.0-plugins-base-apps)");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "gst-discoverer-1.0 {}: {report}", path.display());
+    report
+}
+
+/// The `Duration: H:MM:SS.nnnnnnnnn` of a discoverer report, in seconds.
+pub fn discovered_seconds(report: &str) -> f64 {
+    let text = report.lines().find_map(|line| line.trim().strip_prefix("Duration: ")).expect("a duration");
+    let parts: Vec<f64> = text.split(':').map(|part| part.parse().unwrap()).collect();
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
+/// Decodes `path` with GStreamer into raw bytes of `caps` (audio or video); with
+/// `drop_video`, a file's video stream goes to a fakesink (a clip's audio is wanted).
+pub fn decode(path: &Path, caps: &str, out: &Path, drop_video: bool) -> Vec<u8> {
+    let kind = if caps.starts_with("audio") { "audio" } else { "video" };
+    let convert = if kind == "audio" { "audioconvert ! audioresample" } else { "videoconvert" };
+    let other = if drop_video { "  d. ! video/x-raw ! fakesink" } else { "" };
+    let description = format!(
+        "filesrc location={} ! decodebin name=d  d. ! {kind}/x-raw ! {convert} ! {caps} ! filesink location={}{other}",
+        path.display(),
+        out.display()
+    );
+    let status = Command::new("gst-launch-1.0").arg("-q").args(description.split_whitespace()).status().unwrap();
+    assert!(status.success(), "decoding {}", path.display());
+    std::fs::read(out).unwrap()
+}
+
+/// The frequency (5 Hz steps, 100 Hz to 4 kHz) with the most energy in `samples` at `rate`.
+pub fn spectral_peak(samples: &[f32], rate: f64) -> f64 {
+    let power = |freq: f64| {
+        let (mut re, mut im) = (0.0f64, 0.0f64);
+        for (idx, sample) in samples.iter().enumerate() {
+            let phase = 2.0 * std::f64::consts::PI * freq * idx as f64 / rate;
+            re += *sample as f64 * phase.cos();
+            im += *sample as f64 * phase.sin();
+        }
+        re * re + im * im
+    };
+    (20..=800).map(|step| step as f64 * 5.0).max_by(|a, b| power(*a).total_cmp(&power(*b))).unwrap()
 }

@@ -167,9 +167,38 @@ function showEvents() {
       cell.textContent = text;
       row.append(cell);
     }
+    row.append(evidenceCell(event));
     return row;
   }));
   $("#no-events").hidden = rows.length > 0;
+}
+
+// The event's snapshot (a thumbnail linking the full image) and clip, once they exist. URLs
+// are relative to the page, so they work behind a reverse proxy's path prefix.
+function evidenceCell(event) {
+  const cell = document.createElement("td");
+  cell.className = "evidence";
+  const evidence = event.evidence;
+  if (!evidence) return cell;
+  if (evidence.snapshot_url) {
+    const link = document.createElement("a");
+    link.href = evidence.snapshot_url.replace(/^\//, "");
+    const image = document.createElement("img");
+    image.src = link.href;
+    image.alt = `snapshot of ${event.label}`;
+    image.loading = "lazy";
+    link.append(image);
+    cell.append(link);
+  }
+  if (evidence.clip_url && evidence.clip_ready !== false) {
+    const link = document.createElement("a");
+    link.href = evidence.clip_url.replace(/^\//, "");
+    link.textContent = evidence.clip_ready ? "clip" : "clip (writing)";
+    cell.append(" ", link);
+  }
+  const error = evidence.clip_error || evidence.error;
+  if (error) cell.title = error;
+  return cell;
 }
 
 function addEvent(event) {
