@@ -251,8 +251,9 @@ pub fn evidence_media_dropped(source: &str) {
     with_evidence(|counters| counters.media_dropped += 1);
 }
 
-pub fn evidence_written(source: &str, what: &str, path: &std::path::Path, bytes: u64) {
-    tracing::info!(source, what, path = %path.display(), bytes, "evidence written");
+/// `took`: how long writing (for a clip: encoding and muxing) took.
+pub fn evidence_written(source: &str, what: &str, path: &std::path::Path, bytes: u64, took: Duration) {
+    tracing::info!(source, what, path = %path.display(), bytes, took_ms = took.as_millis() as u64, "evidence written");
     with_evidence(|counters| match what {
         "snapshot" => counters.snapshots += 1,
         _ => counters.clips += 1,

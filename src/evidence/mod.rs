@@ -332,9 +332,11 @@ impl Store {
         let middle = event.window_start + (event.window_end - event.window_start) / 2;
         let Some(jpeg) = ring.still_near(middle) else { return fail("no frame to show".into()) };
         let path = format!("{}/{}.jpg", event.source, event.id);
+        let began = Instant::now();
         match write_file(&self.settings.dir.join(&path), &jpeg) {
             Ok(()) => {
-                telemetry::evidence_written(&event.source, "snapshot", Path::new(&path), jpeg.len() as u64);
+                let took = began.elapsed();
+                telemetry::evidence_written(&event.source, "snapshot", Path::new(&path), jpeg.len() as u64, took);
                 retention::enforce(&self.settings.dir, self.settings.max_bytes, self.settings.max_age);
                 Ok(Snapshot { path, jpeg })
             }
@@ -432,6 +434,7 @@ fn write_job(dir: &Path, job: ClipJob) -> ClipDone {
     let ClipJob { planned, media } = job;
     let target = dir.join(&planned.path);
     let duration = media.length;
+    let began = Instant::now();
     let result = (|| {
         let folder = target.parent().ok_or("no folder")?;
         std::fs::create_dir_all(folder).map_err(|err| format!("cannot create {}: {err}", folder.display()))?;
@@ -446,7 +449,9 @@ fn write_job(dir: &Path, job: ClipJob) -> ClipDone {
         Ok(ClipInfo { bytes, duration })
     })();
     match &result {
-        Ok(info) => telemetry::evidence_written(&planned.source, "clip", Path::new(&planned.path), info.bytes),
+        Ok(info) => {
+            telemetry::evidence_written(&planned.source, "clip", Path::new(&planned.path), info.bytes, began.elapsed())
+        }
         Err(reason) => telemetry::evidence_failed(&planned.source, "clip", reason),
     }
     ClipDone { event_id: planned.event_id, source: planned.source, path: planned.path, result }
