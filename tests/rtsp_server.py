@@ -52,6 +52,8 @@ def main():
     parser.add_argument("--audio-rate", type=int, default=8000)
     parser.add_argument("--freq", type=float, default=440.0)
     parser.add_argument("--pattern", default="smpte")
+    # vp8: a camera that does not send H.264 (vp8enc and rtpvp8pay: plugins-good).
+    parser.add_argument("--video-codec", choices=["h264", "vp8"], default="h264")
     args = parser.parse_args()
 
     if args.audio_codec == "pcma" and args.audio_rate != 8000:
@@ -66,11 +68,17 @@ def main():
     else:
         # A dynamic payload type: the SDP carries L16's rate and channels.
         audio = "audioconvert ! audio/x-raw,format=S16BE ! rtpL16pay name=pay1 pt=97"
+    if args.video_codec == "h264":
+        video = (
+            f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} bframes=0 "
+            "! rtph264pay name=pay0 pt=96 config-interval=1"
+        )
+    else:
+        video = f"vp8enc deadline=1 keyframe-max-dist={args.fps} ! rtpvp8pay name=pay0 pt=96"
     launch = (
         f"( videotestsrc is-live=true pattern={args.pattern} "
         f"! video/x-raw,width={args.width},height={args.height},framerate={args.fps}/1 "
-        f"! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} bframes=0 "
-        f"! rtph264pay name=pay0 pt=96 config-interval=1 "
+        f"! {video} "
         f"audiotestsrc is-live=true wave=sine freq={args.freq} volume=0.5 samplesperbuffer=160 "
         f"! audio/x-raw,rate={args.audio_rate},channels=1 ! {audio} )"
     )

@@ -36,6 +36,22 @@ pub const AUDIO_SINK: &str = "audio";
 /// The evidence branch's appsinks: JPEG stills and the camera's H.264.
 pub const JPEG_SINK: &str = "evidence_jpeg";
 pub const H264_SINK: &str = "evidence_h264";
+/// The queue in front of the H.264 depayloader: an error from it (a camera that sends
+/// another codec) names it.
+pub const H264_QUEUE: &str = "evidence_rtp";
+/// The tee of an RTSP camera's video RTP, where `h264_branch()` is linked.
+pub const RTP_TEE: &str = "evidence_rtp_tee";
+
+/// The camera's H.264 kept as it comes: depayloaded and parsed only, never decoded.
+pub fn h264_branch() -> String {
+    format!(
+        "queue name={H264_QUEUE} max-size-buffers=0 max-size-bytes=0 max-size-time=2000000000 leaky=downstream ! \
+         rtph264depay ! h264parse config-interval=-1 ! video/x-h264,stream-format=byte-stream,alignment=au ! \
+         appsink name={H264_SINK} sync=false max-buffers=64 drop=true enable-last-sample=false"
+    )
+}
+/// The queue in front of the stills' scaling and encoding, where their rate is limited.
+pub const STILL_QUEUE: &str = "evidence_stills";
 
 /// The full pipeline description for `source`.
 pub fn describe(
@@ -97,13 +113,12 @@ pub fn describe(
             ));
             match (&video_tail, evidence) {
                 (Some(tail), Some(evidence)) if evidence.copy => {
-                    // The camera's H.264 is kept as it comes (depayloaded and parsed only).
+                    // The camera's RTP goes through a tee; `capture` links `h264_branch()` to
+                    // it once the stream's caps say H.264 (a branch that takes H.264 only,
+                    // linked from the start, would refuse any other camera's stream).
                     branches.push(format!(
-                        "src. ! application/x-rtp,media=video ! tee name=rtpv  rtpv. ! queue ! decodebin ! {tail}  \
-                         rtpv. ! queue max-size-buffers=0 max-size-bytes=0 max-size-time=2000000000 leaky=downstream ! \
-                         rtph264depay ! h264parse config-interval=-1 ! \
-                         video/x-h264,stream-format=byte-stream,alignment=au ! \
-                         appsink name={H264_SINK} sync=false max-buffers=64 drop=true enable-last-sample=false"
+                        "src. ! application/x-rtp,media=video ! tee name={RTP_TEE} allow-not-linked=true  \
+                         {RTP_TEE}. ! queue ! decodebin ! {tail}"
                     ));
                 }
                 (Some(tail), _) => {
@@ -147,14 +162,17 @@ fn video_tail(width: u32, height: u32, max_fps: Option<u32>, mode: SinkMode) -> 
 }
 
 /// Stills at most `width` wide (a smaller camera keeps its size; the height keeps the aspect
-/// ratio), at most `fps` a second, JPEG-encoded by GStreamer.
+/// ratio), JPEG-encoded by GStreamer. At most `fps` a second pass the queue: a pad probe
+/// (`capture::limit_rate`) drops the others before they are scaled or encoded. Not
+/// `videorate max-rate`: GStreamer 1.22's aborts the process on a stream of variable frame
+/// rate (framerate 0/1, as RTSP VP8 cameras send).
 fn jpeg_tail(evidence: EvidenceFormat) -> String {
     format!(
-        "queue max-size-buffers=2 max-size-bytes=0 max-size-time=0 leaky=downstream ! \
-         videorate drop-only=true max-rate={} ! videoscale ! videoconvert ! \
+        "queue name={STILL_QUEUE} max-size-buffers=2 max-size-bytes=0 max-size-time=0 leaky=downstream ! \
+         videoscale ! videoconvert ! \
          video/x-raw,format=I420,width=[16,{}],pixel-aspect-ratio=1/1 ! jpegenc quality=85 ! \
          appsink name={JPEG_SINK} sync=false max-buffers=4 drop=true enable-last-sample=false",
-        evidence.fps, evidence.width
+        evidence.width
     )
 }
 
@@ -307,21 +325,24 @@ mod tests {
         {
             assert!(text.contains(part), "{part:?} missing in {text}");
         }
-        assert!(text.contains("max-rate=5"), "{text}");
+        assert!(text.contains(&format!("queue name={STILL_QUEUE}")) && !text.contains("videorate"), "{text}");
         assert!(!text.contains(H264_SINK), "{text}");
     }
 
     #[test]
     fn rtsp_evidence_copies_the_cameras_h264_and_encodes_no_video() {
         let text = with_evidence(rtsp(), true);
-        assert!(text.contains("rtph264depay ! h264parse"), "{text}");
-        assert!(text.contains(&format!("appsink name={H264_SINK}")), "{text}");
+        assert!(text.contains(&format!("tee name={RTP_TEE}")), "{text}");
+        let branch = h264_branch();
+        assert!(branch.contains("rtph264depay ! h264parse"), "{branch}");
+        assert!(branch.contains(&format!("appsink name={H264_SINK}")), "{branch}");
+        let text = format!("{text}  {branch}");
         for encoder in ["x264enc", "vp8enc", "openh264enc", "avenc_", "nvv4l2h264enc"] {
             assert!(!text.contains(encoder), "{encoder} in {text}");
         }
         // copy = false: stills only; the clip is made from them.
         let text = with_evidence(rtsp(), false);
-        assert!(!text.contains(H264_SINK) && text.contains(JPEG_SINK), "{text}");
+        assert!(!text.contains(RTP_TEE) && text.contains(JPEG_SINK), "{text}");
     }
 
     #[test]

@@ -24,7 +24,10 @@ use gstreamer_video::prelude::*;
 use time::OffsetDateTime;
 
 pub use clip::{ClipAudio, ClipMedia, ClipVideo, write_clip};
-pub use describe::{AUDIO_SINK, CaptureFormat, EvidenceFormat, H264_SINK, JPEG_SINK, SinkMode, VIDEO_SINK, describe};
+pub use describe::{
+    AUDIO_SINK, CaptureFormat, EvidenceFormat, H264_QUEUE, H264_SINK, JPEG_SINK, RTP_TEE, STILL_QUEUE, SinkMode,
+    VIDEO_SINK, describe, h264_branch,
+};
 
 use crate::config::SourceSettings;
 pub use crate::media::Modality;
@@ -318,9 +321,12 @@ impl Supervisor {
             if video && let Err(err) = attach_evidence(&pipeline, JPEG_SINK, shared.clone()) {
                 return Outcome::Failed(err.to_string());
             }
+            if video && let Err(err) = limit_rate(&pipeline, evidence.fps) {
+                return Outcome::Failed(err.to_string());
+            }
             if video
                 && source_kind_copies
-                && let Err(err) = attach_evidence(&pipeline, H264_SINK, shared.clone())
+                && let Err(err) = copy_if_h264(&pipeline, shared.clone())
             {
                 return Outcome::Failed(err.to_string());
             }
@@ -629,6 +635,79 @@ fn on_sample(sink: &gst_app::AppSink, sample: &gst::Sample, modality: Modality, 
         }
     };
     shared.send(event, modality);
+    Ok(())
+}
+
+/// Lets at most `fps` frames a second into the stills' queue, by their timestamps: the rest
+/// are dropped before anything scales or encodes them.
+fn limit_rate(pipeline: &gst::Pipeline, fps: u32) -> anyhow::Result<()> {
+    let queue = pipeline.by_name(STILL_QUEUE).ok_or_else(|| anyhow!("the pipeline has no element {STILL_QUEUE:?}"))?;
+    let pad = queue.static_pad("sink").ok_or_else(|| anyhow!("{STILL_QUEUE} has no sink pad"))?;
+    let period = 1_000_000_000 / u64::from(fps.max(1));
+    // The next timestamp (ns) a still may have; 0 lets the first one in.
+    let next = AtomicU64::new(0);
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+        let Some(pts) = info.buffer().and_then(|buffer| buffer.pts()) else { return gst::PadProbeReturn::Ok };
+        let pts = pts.nseconds();
+        let due = next.load(Ordering::Relaxed);
+        // A timestamp far before the due one: a new segment (a restart of a file, a seek).
+        if pts >= due || due - pts > 10 * period {
+            // Keep the cadence: the next one is due a period after this one's slot.
+            next.store(pts + period - (pts.saturating_sub(due) % period).min(period / 2), Ordering::Relaxed);
+            gst::PadProbeReturn::Ok
+        } else {
+            // Consumed here with a success (gstreamer-rs: `Drop` of a borrowed buffer makes
+            // GStreamer unref a null pointer).
+            drop(info.take_buffer());
+            info.flow_res = Ok(gst::FlowSuccess::Ok);
+            gst::PadProbeReturn::Handled
+        }
+    });
+    Ok(())
+}
+
+/// Links the copy branch (`h264_branch`) to the camera's RTP tee when the stream's caps say
+/// H.264, from the caps event on, so it gets every buffer; another codec (H.265, MJPEG, VP8)
+/// gets no branch, and clips are made from the stills.
+fn copy_if_h264(pipeline: &gst::Pipeline, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let tee = pipeline.by_name(RTP_TEE).ok_or_else(|| anyhow!("the pipeline has no element {RTP_TEE:?}"))?;
+    let pad = tee.static_pad("sink").ok_or_else(|| anyhow!("{RTP_TEE} has no sink pad"))?;
+    let weak_pipeline = pipeline.downgrade();
+    let weak_tee = tee.downgrade();
+    let linked = AtomicBool::new(false);
+    pad.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+        let Some(gst::PadProbeData::Event(event)) = &info.data else { return gst::PadProbeReturn::Ok };
+        let gst::EventView::Caps(caps) = event.view() else { return gst::PadProbeReturn::Ok };
+        let h264 = caps
+            .caps()
+            .structure(0)
+            .and_then(|structure| structure.get::<&str>("encoding-name").ok())
+            .is_some_and(|name| name.eq_ignore_ascii_case("H264"));
+        if !h264 {
+            tracing::info!(source = %shared.source_name, caps = %caps.caps(), "the camera's video is not H.264: clips are made from stills");
+            return gst::PadProbeReturn::Ok;
+        }
+        if linked.swap(true, Ordering::SeqCst) {
+            return gst::PadProbeReturn::Ok;
+        }
+        let (Some(pipeline), Some(tee)) = (weak_pipeline.upgrade(), weak_tee.upgrade()) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let result = (|| -> anyhow::Result<()> {
+            let branch = gst::parse::bin_from_description(&h264_branch(), true).context("building the H.264 branch")?;
+            pipeline.add(&branch).context("adding the H.264 branch")?;
+            attach_evidence(&pipeline, H264_SINK, shared.clone())?;
+            let sink = branch.static_pad("sink").ok_or_else(|| anyhow!("the H.264 branch has no sink pad"))?;
+            let source = tee.request_pad_simple("src_%u").ok_or_else(|| anyhow!("no pad from {RTP_TEE}"))?;
+            branch.sync_state_with_parent().context("starting the H.264 branch")?;
+            source.link(&sink).map_err(|err| anyhow!("linking the H.264 branch: {err:?}"))?;
+            Ok(())
+        })();
+        if let Err(err) = result {
+            tracing::warn!(source = %shared.source_name, error = %err, "clips are made from stills");
+        }
+        gst::PadProbeReturn::Ok
+    });
     Ok(())
 }
 

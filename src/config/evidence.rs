@@ -40,15 +40,15 @@ pub struct RawEvidence {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSourceEvidence {
-    /// Keep evidence for this source. Default: `[evidence] enabled`.
+    /// Keep evidence for this source. Default true; `[evidence] enabled = false` wins.
     pub enabled: Option<Spanned<bool>>,
     pub pre_roll: Option<Spanned<RawDuration>>,
     pub post_roll: Option<Spanned<RawDuration>>,
     pub snapshot_width: Option<Spanned<i64>>,
     pub fps: Option<Spanned<i64>>,
     /// rtsp: keep the camera's own H.264 for clips, without decoding or encoding it again
-    /// (MP4). Default true; set false for a camera that sends another codec (the clip is
-    /// then encoded from the decoded frames, WebM).
+    /// (MP4). Default true; a camera that sends another codec (H.265, MJPEG, VP8) gets clips
+    /// encoded from the stills (WebM) either way, and false asks for that for H.264 too.
     pub copy: Option<Spanned<bool>>,
 }
 
@@ -93,8 +93,9 @@ const MAX_ROLL: Duration = Duration::from_secs(60);
 
 fn width(key: &str, value: &Spanned<i64>) -> Result<u32, FieldError> {
     let width = *value.get_ref();
-    if !(16..=3840).contains(&width) || width % 2 != 0 {
-        return Err(FieldError::new(key, Some(value.span()), format!("{width} is not an even width from 16 to 3840")));
+    // Up to 1920: a snapshot must stay well inside an MQTT packet (the publisher's limit is 1 MiB).
+    if !(16..=1920).contains(&width) || width % 2 != 0 {
+        return Err(FieldError::new(key, Some(value.span()), format!("{width} is not an even width from 16 to 1920")));
     }
     Ok(width as u32)
 }
@@ -166,7 +167,8 @@ impl RawSourceEvidence {
     pub fn merge(&self, prefix: &str, default: SourceEvidence) -> Result<SourceEvidence, FieldError> {
         let key = |name: &str| format!("{prefix}.evidence.{name}");
         Ok(SourceEvidence {
-            enabled: self.enabled.as_ref().map_or(default.enabled, |enabled| *enabled.get_ref()),
+            // `[evidence] enabled = false` turns evidence off everywhere.
+            enabled: default.enabled && self.enabled.as_ref().is_none_or(|enabled| *enabled.get_ref()),
             pre_roll: roll(&key("pre_roll"), self.pre_roll.as_ref())?.unwrap_or(default.pre_roll),
             post_roll: roll(&key("post_roll"), self.post_roll.as_ref())?.unwrap_or(default.post_roll),
             snapshot_width: self

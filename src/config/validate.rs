@@ -401,6 +401,8 @@ fn non_empty(key: &str, value: &Spanned<String>) -> Result<String, FieldError> {
 fn check_topic_name(key: &str, value: &Spanned<String>) -> Result<(), FieldError> {
     let text = value.get_ref();
     let ok = !text.is_empty()
+        && text != "."
+        && text != ".."
         && text.len() <= 64
         && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if !ok {

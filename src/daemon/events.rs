@@ -132,7 +132,10 @@ impl PublisherSlot {
         match event.kind {
             EventKind::Start => {
                 let mut evidence = EvidencePayload::default();
+                // Asked even for a source without video: the store keeps the event's start.
+                let sees = self.config.info.snapshot_sources.contains(&event.source);
                 match client.snapshot(event) {
+                    Err(_) if !sees => {}
                     Ok(snapshot) => {
                         evidence.snapshot_url = Some(EvidencePayload::url(&event.id, &snapshot.path));
                         evidence.snapshot = Some(snapshot.path);

@@ -45,6 +45,10 @@ const RING_SLACK: Duration = Duration::from_secs(15);
 const CLIP_GRACE: Duration = Duration::from_secs(10);
 /// How often retention runs besides after each write.
 const RETENTION_PERIOD: Duration = Duration::from_secs(60);
+/// A snapshot is a still this close to the middle of its window, or none.
+const STILL_WITHIN: Duration = Duration::from_secs(5);
+/// Longest a stop waits for the clips still being written (systemd's stop timeout is 20 s).
+const STOP_DEADLINE: Duration = Duration::from_secs(12);
 
 /// A snapshot written for an event's start.
 #[derive(Debug, Clone)]
@@ -153,9 +157,21 @@ impl EvidenceStore {
     }
 
     /// New settings (a reload); sources that changed were restarted by then.
-    pub fn configure(&self, settings: EvidenceSettings, sources: &[SourceSettings]) {
+    /// `dir` is kept: a new one applies at the next start (the HTTP server and the clip
+    /// thread keep serving and cleaning the one they have).
+    pub fn configure(&self, mut settings: EvidenceSettings, sources: &[SourceSettings]) {
+        if settings.dir != self.dir {
+            tracing::warn!(
+                running = %self.dir.display(), configured = %settings.dir.display(),
+                "[evidence] dir changes apply at the next start"
+            );
+            settings.dir = self.dir.clone();
+        }
         if let Some(requests) = &self.requests {
-            let _ = requests.send(Request::Configure { settings, sources: per_source(sources) });
+            let request = Request::Configure { settings, sources: per_source(sources) };
+            if requests.send_timeout(request, Duration::from_secs(1)).is_err() {
+                tracing::warn!("the evidence store is busy; its new settings apply at the next reload");
+            }
         }
     }
 
@@ -166,10 +182,20 @@ impl EvidenceStore {
     fn shutdown(&mut self) {
         // The thread writes its planned clips and ends (clients left over get "busy").
         if let Some(requests) = self.requests.take() {
-            let _ = requests.send(Request::Stop);
+            let _ = requests.send_timeout(Request::Stop, Duration::from_secs(1));
         }
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // Clips still being written get until the deadline; past it the daemon stops
+            // without them (their `.part` files are removed by retention later).
+            let deadline = Instant::now() + STOP_DEADLINE;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!("stopping while evidence clips are still being written");
+            }
         }
     }
 }
@@ -239,6 +265,8 @@ struct Planned {
 struct ClipJob {
     planned: Planned,
     media: ClipMedia,
+    /// `max_bytes`, `max_age` in force when the clip was cut.
+    limits: (u64, Duration),
 }
 
 struct Store {
@@ -299,21 +327,35 @@ impl Store {
                 keep_from = keep_from.min(*start - settings.pre_roll);
             }
         }
+        // An ended event's clip waits for its post-roll: its start must stay too.
+        for planned in self.planned.iter().filter(|planned| planned.source == source) {
+            keep_from = keep_from.min(planned.from);
+        }
         let longest = self.settings.max_clip + settings.pre_roll + settings.post_roll + RING_SLACK;
-        keep_from = keep_from.max(newest - longest);
-        ring.trim(keep_from);
+        let hard_from = newest - longest;
+        ring.trim(keep_from.max(hard_from), hard_from);
     }
 
     fn answer(&mut self, request: Request) {
         match request {
             Request::Configure { settings, sources } => {
                 self.settings = settings;
-                self.sources = sources;
-                self.rings.retain(|source, _| self.sources.get(source).is_some_and(|s| s.enabled));
+                // A source whose evidence settings changed was restarted with a new branch
+                // (stills only instead of H.264, another width): its old media go.
+                let old = std::mem::replace(&mut self.sources, sources);
+                self.rings.retain(|source, _| {
+                    self.sources.get(source).is_some_and(|now| now.enabled && old.get(source) == Some(now))
+                });
             }
             Request::Start { event, reply } => {
                 self.open.insert(event.id.clone(), (event.source.clone(), event.start_time));
-                let _ = reply.send(self.snapshot(&event));
+                let written = self.snapshot(&event);
+                let ok = written.is_ok();
+                let _ = reply.send(written);
+                // Retention after the answer: the events thread does not wait for a dir walk.
+                if ok {
+                    retention::enforce(&self.settings.dir, self.settings.max_bytes, self.settings.max_age);
+                }
             }
             Request::End { event, reply } => {
                 self.open.remove(&event.id);
@@ -330,14 +372,15 @@ impl Store {
         };
         let ring = self.rings.get(&event.source).ok_or_else(|| "no evidence from this source yet".to_string())?;
         let middle = event.window_start + (event.window_end - event.window_start) / 2;
-        let Some(jpeg) = ring.still_near(middle) else { return fail("no frame to show".into()) };
+        let Some(jpeg) = ring.still_near(middle, STILL_WITHIN) else {
+            return fail("no frame near the window".into());
+        };
         let path = format!("{}/{}.jpg", event.source, event.id);
         let began = Instant::now();
         match write_file(&self.settings.dir.join(&path), &jpeg) {
             Ok(()) => {
                 let took = began.elapsed();
                 telemetry::evidence_written(&event.source, "snapshot", Path::new(&path), jpeg.len() as u64, took);
-                retention::enforce(&self.settings.dir, self.settings.max_bytes, self.settings.max_age);
                 Ok(Snapshot { path, jpeg })
             }
             Err(err) => fail(format!("cannot write {path}: {err}")),
@@ -386,8 +429,9 @@ impl Store {
             }
             let planned = self.planned.swap_remove(idx);
             let media = self.rings.get(&planned.source).and_then(|ring| ring.cut(planned.from, planned.to));
+            let limits = (self.settings.max_bytes, self.settings.max_age);
             match media {
-                Some(media) => self.hand_over(ClipJob { planned, media }),
+                Some(media) => self.hand_over(ClipJob { planned, media, limits }),
                 None => self.finish(planned, Err("nothing of the event was kept".into())),
             }
         }
@@ -398,11 +442,11 @@ impl Store {
             let (jobs, jobs_rx) = bounded::<ClipJob>(CLIP_QUEUE);
             let dir = self.settings.dir.clone();
             let done = self.done.clone();
-            let limits = (self.settings.max_bytes, self.settings.max_age);
             match std::thread::Builder::new().name("evidence-clip".into()).spawn(move || {
                 for job in jobs_rx {
+                    let (max_bytes, max_age) = job.limits;
                     let outcome = write_job(&dir, job);
-                    retention::enforce(&dir, limits.0, limits.1);
+                    retention::enforce(&dir, max_bytes, max_age);
                     let _ = done.try_send(outcome);
                 }
             }) {
@@ -431,7 +475,12 @@ impl Store {
 }
 
 fn write_job(dir: &Path, job: ClipJob) -> ClipDone {
-    let ClipJob { planned, media } = job;
+    let ClipJob { mut planned, media, .. } = job;
+    // The container follows what was cut (an RTSP camera whose H.264 stopped coming gives
+    // stills): the `clip` message names the file as written.
+    if let Some((stem, _)) = planned.path.rsplit_once('.') {
+        planned.path = format!("{stem}.{}", media.extension());
+    }
     let target = dir.join(&planned.path);
     let duration = media.length;
     let began = Instant::now();
@@ -467,4 +516,25 @@ fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&partial);
     }
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_found_by_event_id_only_and_nothing_outside_the_dir_is_read() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("evidence");
+        std::fs::create_dir_all(dir.join("porch")).expect("mkdir");
+        std::fs::write(dir.join("porch/6f1e3a52-0c4b.jpg"), b"jpeg").expect("write");
+        std::fs::write(root.path().join("secret.jpg"), b"secret").expect("write");
+        let files = EvidenceFiles { dir };
+        assert_eq!(files.read("6f1e3a52-0c4b", "jpg").as_deref(), Some(&b"jpeg"[..]));
+        assert_eq!(files.read("6f1e3a52-0c4b", "webm"), None);
+        for id in ["../secret", "..", "", "porch/6f1e3a52-0c4b", "a b", &"a".repeat(65)] {
+            assert_eq!(files.read(id, "jpg"), None, "{id:?}");
+        }
+        assert_eq!(files.read("6f1e3a52-0c4b", "jpg/../../secret.jpg"), None);
+    }
 }

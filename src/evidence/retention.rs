@@ -26,7 +26,18 @@ pub fn enforce(dir: &Path, max_bytes: u64, max_age: Duration) -> (u64, u64) {
             }
             let modified = meta.modified().unwrap_or(now);
             let path = entry.path();
-            let partial = path.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.ends_with(".part"));
+            let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            // Only what the store writes: `<id>.jpg|webm|mp4` and `.<name>.part`. Anything
+            // else (a dir set to a folder that holds other files) is left alone.
+            let partial = name.starts_with('.') && name.ends_with(".part");
+            let ours = name.rsplit_once('.').is_some_and(|(stem, extension)| {
+                matches!(extension, "jpg" | "webm" | "mp4")
+                    && !stem.is_empty()
+                    && stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+            if !partial && !ours {
+                continue;
+            }
             if partial {
                 if now.duration_since(modified).unwrap_or_default() > STALE_PARTIAL {
                     let _ = std::fs::remove_file(&path);
@@ -74,7 +85,9 @@ mod tests {
         assert!(!dir.path().join("a/0.jpg").exists() && !dir.path().join("b/1.jpg").exists());
         assert!(dir.path().join("a/2.jpg").exists() && dir.path().join("b/3.jpg").exists());
         assert!(telemetry::evidence().deleted >= deleted_before + 2);
-        // Age: everything is older than 10 s.
+        // Age: everything is older than 10 s; a file the store did not write stays.
+        std::fs::write(dir.path().join("a/spool.log"), b"not evidence").expect("write");
         assert_eq!(enforce(dir.path(), 1 << 30, Duration::from_secs(10)), (0, 0));
+        assert!(dir.path().join("a/spool.log").exists());
     }
 }

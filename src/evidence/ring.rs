@@ -48,6 +48,7 @@ impl Ring {
             }
             EvidenceKind::Audio { samples, rate } => {
                 if rate != self.audio_rate {
+                    self.bytes -= self.audio.iter().map(|(_, samples)| samples.len() * 4).sum::<usize>();
                     self.audio.clear();
                     self.audio_rate = rate;
                 }
@@ -76,8 +77,9 @@ impl Ring {
     }
 
     /// Drops what lies wholly before `from`; H.264 is kept from the last keyframe at or
-    /// before it, so a clip starting at `from` can still be decoded.
-    pub fn trim(&mut self, from: OffsetDateTime) {
+    /// before it, so a clip starting at `from` can still be decoded, but never from before
+    /// `hard_from` (a camera that sends keyframes rarely or never cannot hold memory).
+    pub fn trim(&mut self, from: OffsetDateTime, hard_from: OffsetDateTime) {
         while self.jpeg.len() > 1 && self.jpeg[1].0 <= from {
             let (_, jpeg) = self.jpeg.pop_front().expect("len > 1");
             self.bytes -= jpeg.len();
@@ -87,6 +89,15 @@ impl Ring {
                 self.bytes -= unit.data.len();
             }
         }
+        while self.h264.front().is_some_and(|unit| unit.utc < hard_from) {
+            let unit = self.h264.pop_front().expect("checked");
+            self.bytes -= unit.data.len();
+        }
+        // What is left must start at a keyframe to be of use.
+        while self.h264.front().is_some_and(|unit| !unit.keyframe) {
+            let unit = self.h264.pop_front().expect("checked");
+            self.bytes -= unit.data.len();
+        }
         let rate = self.audio_rate;
         while self.audio.front().is_some_and(|(utc, samples)| utc_plus_samples(*utc, samples.len(), rate) <= from) {
             let (_, samples) = self.audio.pop_front().expect("checked");
@@ -94,9 +105,14 @@ impl Ring {
         }
     }
 
-    /// The still nearest to `at`.
-    pub fn still_near(&self, at: OffsetDateTime) -> Option<Arc<Vec<u8>>> {
-        self.jpeg.iter().min_by_key(|(utc, _)| (*utc - at).unsigned_abs()).map(|(_, jpeg)| jpeg.clone())
+    /// The still nearest to `at`, if one lies within `within` of it (a camera that died
+    /// long ago gives no snapshot rather than an old one).
+    pub fn still_near(&self, at: OffsetDateTime, within: Duration) -> Option<Arc<Vec<u8>>> {
+        self.jpeg
+            .iter()
+            .min_by_key(|(utc, _)| (*utc - at).unsigned_abs())
+            .filter(|(utc, _)| (*utc - at).unsigned_abs() <= within)
+            .map(|(_, jpeg)| jpeg.clone())
     }
 
     /// The media from `from` to `to`. With H.264 the clip starts at the last keyframe at or
@@ -253,7 +269,7 @@ mod tests {
             );
         }
         assert!(ring.copies_video());
-        ring.trim(at(2.5));
+        ring.trim(at(2.5), at(0.0));
         let clip = ring.cut(at(2.5), at(3.5)).expect("overlaps");
         assert_eq!(clip.extension(), "mp4");
         let ClipVideo::H264 { units } = &clip.video else { panic!("h264 expected") };
@@ -267,9 +283,27 @@ mod tests {
     fn trim_drops_old_media_and_counts_bytes() {
         let mut ring = raw_ring();
         let before = ring.bytes();
-        ring.trim(at(8.0));
+        ring.trim(at(8.0), at(0.0));
         assert!(ring.bytes() < before / 4, "{} of {before}", ring.bytes());
         assert!(ring.cut(at(0.0), at(10.0)).expect("some left").length <= Duration::from_secs_f64(2.01));
-        assert_eq!(ring.still_near(at(0.0)).expect("a still").as_slice(), &[40]);
+        assert_eq!(ring.still_near(at(7.0), Duration::from_secs(2)).expect("a still").as_slice(), &[40]);
+        assert!(ring.still_near(at(0.0), Duration::from_secs(2)).is_none(), "no still near 0 s is left");
+        // A rate change drops the old audio and its bytes.
+        ring.push(at(10.0), EvidenceKind::Audio { samples: vec![0.0; 8], rate: 200 });
+        let stills: usize = ring.jpeg.iter().map(|(_, jpeg)| jpeg.len()).sum();
+        assert_eq!(ring.bytes(), stills + 32);
+    }
+
+    #[test]
+    fn a_camera_without_keyframes_cannot_pin_its_h264() {
+        let mut ring = Ring::default();
+        ring.push(at(0.0), EvidenceKind::H264 { data: vec![1; 100], keyframe: true, dts_before_pts: Duration::ZERO });
+        for unit in 1..100 {
+            let kind = EvidenceKind::H264 { data: vec![1; 100], keyframe: false, dts_before_pts: Duration::ZERO };
+            ring.push(at(unit as f64 * 0.1), kind);
+        }
+        ring.trim(at(9.0), at(5.0));
+        assert_eq!(ring.bytes(), 0, "nothing decodable is left once the keyframe is gone");
+        assert!(!ring.copies_video());
     }
 }

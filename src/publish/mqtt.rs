@@ -218,7 +218,17 @@ impl Publisher {
     }
 
     /// Sets the source's retained snapshot (JPEG bytes; Home Assistant's image entity).
+    /// A JPEG too large for one MQTT packet (with room for the topic) is not published: the
+    /// broker connection would fail on it, and being retained, on every reconnect.
     pub fn publish_snapshot(&self, source: &str, jpeg: Vec<u8>) {
+        if jpeg.len() > MAX_PACKET / 2 {
+            tracing::warn!(
+                source,
+                bytes = jpeg.len(),
+                "snapshot too large for MQTT; kept on disk and served over HTTP only"
+            );
+            return;
+        }
         let _ = self.commands.send(Message::Retained(self.topics.snapshot(source), jpeg));
     }
 
@@ -634,7 +644,10 @@ impl Worker {
             }
             Message::Retained(topic, payload) => {
                 self.retained.insert(topic.clone(), payload.clone());
-                self.outbox.push_back(OutMessage { topic, qos: QoS::AtLeastOnce, retain: true, payload });
+                // Offline, the latest is sent on connect with every retained message.
+                if self.connected {
+                    self.outbox.push_back(OutMessage { topic, qos: QoS::AtLeastOnce, retain: true, payload });
+                }
             }
             Message::Outgoing(out) => {
                 if self.connected {

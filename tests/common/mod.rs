@@ -88,6 +88,8 @@ pub struct RtspMedia {
     pub audio_codec: &'static str,
     pub audio_rate: u32,
     pub freq: f64,
+    /// `h264`, or `vp8` for a camera that does not send H.264.
+    pub video_codec: &'static str,
 }
 
 /// tests/rtsp_server.py (GstRtspServer through the system python3) serving one media at
@@ -131,6 +133,7 @@ impl RtspServer {
             .args(["--width", &media.width.to_string(), "--height", &media.height.to_string()])
             .args(["--fps", &media.fps.to_string(), "--audio-codec", media.audio_codec])
             .args(["--audio-rate", &media.audio_rate.to_string(), "--freq", &media.freq.to_string()])
+            .args(["--video-codec", media.video_codec])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&self.log).unwrap())
             .spawn()
