@@ -521,6 +521,77 @@ fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::{EventKind, LabelScores};
+    use crate::media::EvidenceKind;
+
+    /// An event that lasts longer than the ring's slack (30 s against pre_roll + 15 s) and
+    /// whose post-roll arrives after its end: its clip still starts at `pre_roll` before its
+    /// start (the planned clip holds its start in the ring). Audio only, so the clip is an
+    /// Opus WebM; time runs as fast as the media are handed in.
+    #[test]
+    fn a_long_events_clip_keeps_its_start_while_it_waits_for_its_post_roll() {
+        crate::capture::init().expect("GStreamer");
+        let root = tempfile::tempdir().expect("tempdir");
+        let text = "[model]\npath = \"m.onnx\"\n\n[[source]]\nname = \"porch\"\nkind = \"test\"\n";
+        let mut source =
+            crate::config::Settings::from_toml_str(Path::new("t.toml"), text).expect("config").sources.remove(0);
+        source.evidence.pre_roll = Duration::from_secs(1);
+        source.evidence.post_roll = Duration::from_secs(2);
+        let settings = EvidenceSettings {
+            enabled: true,
+            dir: root.path().join("evidence"),
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(3600),
+            max_clip: Duration::from_secs(120),
+            default: source.evidence,
+        };
+        let store = EvidenceStore::start(settings, std::slice::from_ref(&source)).expect("store");
+        let media = store.media();
+        let base = OffsetDateTime::now_utc() - Duration::from_secs(120);
+        let at = |seconds: f64| base + Duration::from_secs_f64(seconds);
+        let feed = |from: u32, to: u32| {
+            for tenth in from..to {
+                let samples =
+                    (0..1600).map(|n| (f64::from(n) * 440.0 / 16_000.0 * std::f64::consts::TAU).sin() as f32 * 0.3);
+                let kind = EvidenceKind::Audio { samples: samples.collect(), rate: 16_000 };
+                media
+                    .send(EvidenceMedia { source: "porch".into(), utc: at(f64::from(tenth) / 10.0), kind })
+                    .expect("send");
+            }
+            // The store takes media and requests from two channels: let it catch up.
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        let event = |kind: EventKind, end: Option<f64>| Event {
+            kind,
+            id: "0b6f3c1e-5a7d-4f0e-9a51-3f1c2d4e5a6b".into(),
+            source: "porch".into(),
+            label: "tone".into(),
+            score: 0.9,
+            peak_score: 0.9,
+            scores: LabelScores { fused: 0.9, audio: None, video: None },
+            start_time: at(5.0),
+            end_time: end.map(at),
+            window_start: at(4.0),
+            window_end: at(5.0),
+            degraded: None,
+        };
+        let client = store.client();
+        feed(0, 100);
+        assert!(client.snapshot(&event(EventKind::Start, None)).is_err(), "no stills, no snapshot");
+        feed(100, 400);
+        // Ends at 39 s; its post-roll (to 41 s) is not in the ring yet.
+        assert_eq!(
+            client.clip(&event(EventKind::End, Some(39.0))).expect("planned"),
+            "porch/0b6f3c1e-5a7d-4f0e-9a51-3f1c2d4e5a6b.webm"
+        );
+        feed(400, 600);
+        let done = client.clips_done().recv_timeout(Duration::from_secs(30)).expect("a clip");
+        let info = done.result.expect("written");
+        // From 4 s (start - pre_roll) to 41 s (end + post_roll).
+        assert!((info.duration.as_secs_f64() - 37.0).abs() < 0.05, "{:?}", info.duration);
+        assert!(root.path().join("evidence").join(&done.path).exists());
+        store.stop();
+    }
 
     #[test]
     fn files_are_found_by_event_id_only_and_nothing_outside_the_dir_is_read() {
