@@ -200,6 +200,11 @@ const events = [...document.querySelectorAll("#events tbody tr")].map((row) => (
   id: row.dataset.eventId,
   type: row.dataset.type,
   cells: [...row.cells].map((cell) => cell.textContent),
+  snapshot: (() => {
+    const image = row.querySelector("td.evidence img");
+    return image ? { loaded: image.complete && image.naturalWidth > 0, width: image.naturalWidth,
+                     src: image.getAttribute("src") } : null;
+  })(),
 }));
 return { cards, events, connection: document.querySelector("#connection").textContent,
          device: document.querySelector("#device").textContent };
@@ -207,7 +212,8 @@ return { cards, events, connection: document.querySelector("#connection").textCo
 
 /// The page on the demo config: all three sources with their status, score charts that
 /// receive new points, a legend with thresholds, a sound level, and the `start` of yard's
-/// ball_tone in the events list. Saves the screenshot as target/web-page.png.
+/// ball_tone in the events list with its snapshot loaded by the browser (the camera's
+/// 160 px). Saves the screenshot as target/web-page.png.
 #[test]
 fn the_live_page_shows_sources_scores_and_events_in_chromium() {
     let _turn = turn();
@@ -234,7 +240,9 @@ fn the_live_page_shows_sources_scores_and_events_in_chromium() {
                 card["points"].as_u64().unwrap_or(0) >= first[name].as_u64().unwrap_or(0) + 3
             });
         let yard_started = page["events"].as_array().is_some_and(|events| {
-            events.iter().any(|event| event["cells"][0] == "yard" && event["cells"][1] == "ball_tone")
+            events.iter().any(|event| {
+                event["cells"][0] == "yard" && event["cells"][1] == "ball_tone" && event["snapshot"]["loaded"] == true
+            })
         });
         let legends = cards.iter().all(|card| card["legend"].as_array().is_some_and(|legend| !legend.is_empty()));
         if names.len() == 3 && grew && yard_started && legends && page["connection"] == "live" {
@@ -266,6 +274,11 @@ fn the_live_page_shows_sources_scores_and_events_in_chromium() {
     );
     assert!(yard["meter"].as_str().unwrap().ends_with(" dBFS") && yard["meter"] != "– dBFS", "{page:#}");
     assert!(page["device"].as_str().is_some_and(|device| !device.is_empty()), "{page:#}");
+    let events = page["events"].as_array().unwrap();
+    let ball = events.iter().find(|event| event["cells"][0] == "yard" && event["cells"][1] == "ball_tone").unwrap();
+    assert_eq!(ball["snapshot"]["width"], 160, "{page:#}");
+    let src = ball["snapshot"]["src"].as_str().unwrap();
+    assert!(src.ends_with(&format!("/api/events/{}/snapshot.jpg", ball["id"].as_str().unwrap())), "{page:#}");
     let (code, log) = demo.daemon.stop();
     assert_eq!(code, Some(0), "{log}");
 }
