@@ -307,6 +307,7 @@ impl Supervisor {
             started: OnceLock::new(),
             pipeline: pipeline.downgrade(),
             evidence: self.evidence.clone().filter(|_| evidence_format.is_some()),
+            evidence_source: self.source.name.as_str().into(),
             audio_rate: self.options.format.audio.unwrap_or(0),
         });
         if video && let Err(err) = attach(&pipeline, VIDEO_SINK, Modality::Video, shared.clone()) {
@@ -471,6 +472,8 @@ struct Shared {
     pipeline: gst::glib::WeakRef<gst::Pipeline>,
     /// Where the evidence branch's media go (and a copy of the audio); `None` without one.
     evidence: Option<Sender<EvidenceMedia>>,
+    /// The source's name as every evidence message carries it (shared, not copied per buffer).
+    evidence_source: Arc<str>,
     /// The audio appsink's rate.
     audio_rate: u32,
 }
@@ -491,7 +494,7 @@ impl Shared {
     /// Hands evidence media on without waiting; a full store drops it (counted).
     fn send_evidence(&self, utc: OffsetDateTime, kind: EvidenceKind) {
         let Some(evidence) = &self.evidence else { return };
-        let media = EvidenceMedia { source: self.source_name.as_str().into(), utc, kind };
+        let media = EvidenceMedia { source: self.evidence_source.clone(), utc, kind };
         if let Err(TrySendError::Full(_)) = evidence.try_send(media) {
             telemetry::evidence_media_dropped(&self.source_name);
         }
@@ -558,12 +561,31 @@ impl Shared {
     }
 }
 
-fn attach(pipeline: &gst::Pipeline, name: &str, modality: Modality, shared: Arc<Shared>) -> anyhow::Result<()> {
-    let sink = pipeline
+/// The appsink `name` of `pipeline`.
+fn appsink(pipeline: &gst::Pipeline, name: &str) -> anyhow::Result<gst_app::AppSink> {
+    pipeline
         .by_name(name)
         .ok_or_else(|| anyhow!("the pipeline has no element named {name:?}"))?
         .downcast::<gst_app::AppSink>()
-        .map_err(|_| anyhow!("element {name:?} is not an appsink"))?;
+        .map_err(|_| anyhow!("element {name:?} is not an appsink"))
+}
+
+/// A sample's buffer, its time segment, and the buffer's running time in that segment.
+fn sample_timing(
+    sample: &gst::Sample,
+) -> anyhow::Result<(&gst::BufferRef, &gst::FormattedSegment<gst::ClockTime>, gst::ClockTime)> {
+    let buffer = sample.buffer().ok_or_else(|| anyhow!("sample without a buffer"))?;
+    let pts = buffer.pts().ok_or_else(|| anyhow!("buffer without a timestamp"))?;
+    let segment = sample
+        .segment()
+        .and_then(|segment| segment.downcast_ref::<gst::ClockTime>())
+        .ok_or_else(|| anyhow!("sample without a time segment"))?;
+    let running = segment.to_running_time(pts).ok_or_else(|| anyhow!("timestamp outside the segment"))?;
+    Ok((buffer, segment, running))
+}
+
+fn attach(pipeline: &gst::Pipeline, name: &str, modality: Modality, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let sink = appsink(pipeline, name)?;
     let eos_shared = shared.clone();
     let callbacks = gst_app::AppSinkCallbacks::builder()
         .new_sample(move |sink| {
@@ -581,13 +603,7 @@ fn attach(pipeline: &gst::Pipeline, name: &str, modality: Modality, shared: Arc<
 
 /// Copies one sample into plain data and hands it off. Runs on a streaming thread: cheap.
 fn on_sample(sink: &gst_app::AppSink, sample: &gst::Sample, modality: Modality, shared: &Shared) -> anyhow::Result<()> {
-    let buffer = sample.buffer().ok_or_else(|| anyhow!("sample without a buffer"))?;
-    let pts = buffer.pts().ok_or_else(|| anyhow!("buffer without a timestamp"))?;
-    let segment = sample
-        .segment()
-        .and_then(|segment| segment.downcast_ref::<gst::ClockTime>())
-        .ok_or_else(|| anyhow!("sample without a time segment"))?;
-    let running = segment.to_running_time(pts).ok_or_else(|| anyhow!("timestamp outside the segment"))?;
+    let (buffer, _, running) = sample_timing(sample)?;
     let running = RunningTime::from_nanos(running.nseconds());
     let arrival = sink.current_running_time().map(|time| RunningTime::from_nanos(time.nseconds())).unwrap_or(running);
     let utc_origin = shared.ensure_started(arrival);
@@ -713,11 +729,7 @@ fn copy_if_h264(pipeline: &gst::Pipeline, shared: Arc<Shared>) -> anyhow::Result
 
 /// The evidence branch's appsinks: copy the encoded bytes, stamp them in UTC, hand them on.
 fn attach_evidence(pipeline: &gst::Pipeline, name: &'static str, shared: Arc<Shared>) -> anyhow::Result<()> {
-    let sink = pipeline
-        .by_name(name)
-        .ok_or_else(|| anyhow!("the pipeline has no element named {name:?}"))?
-        .downcast::<gst_app::AppSink>()
-        .map_err(|_| anyhow!("element {name:?} is not an appsink"))?;
+    let sink = appsink(pipeline, name)?;
     let callbacks = gst_app::AppSinkCallbacks::builder()
         .new_sample(move |sink| {
             let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
@@ -732,13 +744,7 @@ fn attach_evidence(pipeline: &gst::Pipeline, name: &'static str, shared: Arc<Sha
 }
 
 fn on_evidence(sample: &gst::Sample, name: &str, shared: &Shared) -> anyhow::Result<()> {
-    let buffer = sample.buffer().ok_or_else(|| anyhow!("sample without a buffer"))?;
-    let pts = buffer.pts().ok_or_else(|| anyhow!("buffer without a timestamp"))?;
-    let segment = sample
-        .segment()
-        .and_then(|segment| segment.downcast_ref::<gst::ClockTime>())
-        .ok_or_else(|| anyhow!("sample without a time segment"))?;
-    let running = segment.to_running_time(pts).ok_or_else(|| anyhow!("timestamp outside the segment"))?;
+    let (buffer, segment, running) = sample_timing(sample)?;
     // Until the model's streams have started the incarnation, there is no UTC origin yet.
     let Some(origin) = shared.started.get() else { return Ok(()) };
     let utc = *origin + Duration::from_nanos(running.nseconds());

@@ -314,13 +314,18 @@ impl Store {
     }
 
     fn take(&mut self, media: EvidenceMedia) {
-        let source = media.source.to_string();
-        let Some(settings) = self.sources.get(&source).copied() else { return };
-        let ring = self.rings.entry(source.clone()).or_default();
-        ring.push(media.utc, media.kind);
+        let EvidenceMedia { source, utc, kind } = media;
+        let source: &str = &source;
+        let Some(settings) = self.sources.get(source).copied() else { return };
+        // Many media a second: the source's name is copied only for its first.
+        if !self.rings.contains_key(source) {
+            self.rings.insert(source.to_owned(), Ring::default());
+        }
+        let ring = self.rings.get_mut(source).expect("inserted above");
+        ring.push(utc, kind);
         // Keep pre-roll plus slack, and every open event's start minus pre-roll, but never
         // more than the longest clip.
-        let newest = ring.newest().unwrap_or(media.utc);
+        let newest = ring.newest().unwrap_or(utc);
         let mut keep_from = newest - (settings.pre_roll + RING_SLACK);
         for (open_source, start) in self.open.values() {
             if *open_source == source {
