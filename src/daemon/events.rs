@@ -104,7 +104,6 @@ struct PublisherSlot {
     live: Arc<Live>,
     /// The evidence store, when evidence is kept.
     evidence: Option<EvidenceClient>,
-    clips_done: Option<Receiver<ClipDone>>,
     /// Open events' evidence (the snapshot of their start), carried on to update and end.
     open_evidence: HashMap<String, EvidencePayload>,
 }
@@ -257,7 +256,6 @@ pub(super) fn events_loop(
         last_attempt: Instant::now(),
         generation: 1,
         live: state.live.clone(),
-        clips_done: evidence.as_ref().map(|client| client.clips_done().clone()),
         evidence,
         open_evidence: HashMap::new(),
     };
@@ -271,7 +269,8 @@ pub(super) fn events_loop(
             echo_controls(&engine, &slot);
         }
         let control_commands = slot.publisher.as_ref().map_or_else(crossbeam_channel::never, Publisher::controls);
-        let clips_done = slot.clips_done.clone().unwrap_or_else(crossbeam_channel::never);
+        let clips_done: Receiver<ClipDone> =
+            slot.evidence.as_ref().map_or_else(crossbeam_channel::never, |client| client.clips_done().clone());
         select! {
             recv(clips_done) -> message => if let Ok(done) = message {
                 let result = done.result.as_ref().map(|info| (info.bytes, info.duration.as_secs_f64())).map_err(String::as_str);
