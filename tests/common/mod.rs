@@ -325,11 +325,24 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn start(port: u16, filter: &str) -> Subscriber {
+        Self::spawn(port, filter, &[])
+    }
+
+    /// A subscriber with a persistent session under client id `id`: what the broker takes
+    /// while this one is away (it reconnects once a second after a broker restart, and the
+    /// daemon may replay first) waits for it. The broker needs `persistence true` to keep
+    /// the session across its own restart.
+    pub fn start_persistent(port: u16, filter: &str, id: &str) -> Subscriber {
+        Self::spawn(port, filter, &["-c", "-i", id])
+    }
+
+    fn spawn(port: u16, filter: &str, session: &[&str]) -> Subscriber {
         let dir = tempfile::tempdir().unwrap();
         let output = dir.path().join("messages.txt");
         let file = std::fs::File::create(&output).unwrap();
         let child = Command::new("mosquitto_sub")
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-v", "-t", filter])
+            .args(session)
             .stdout(file)
             .stderr(Stdio::null())
             .spawn()
