@@ -451,6 +451,7 @@ mod avx512 {
     pub unsafe fn linear(x: &[f32], rows: usize, w: &Panels, bias: &[f32], gelu: bool, y: &mut [f32]) {
         let (k, n) = (w.k, w.n);
         assert!(x.len() >= rows * k && y.len() >= rows * n && bias.len() == n && w.packed.len() == k * n);
+        assert_eq!(w.width, PANEL);
         for p in 0..n / PANEL {
             let wp = w.packed[p * k * PANEL..].as_ptr();
             let b = bias[p * PANEL..].as_ptr();
@@ -470,25 +471,35 @@ const PANEL: usize = 32;
 #[cfg(target_arch = "x86_64")]
 const MR: usize = 12;
 
-/// `[k][n]` f32 weights packed in panels of [`PANEL`] columns: panel `p` holds `k` rows of
-/// columns `p*32..p*32+32`, contiguous.
+/// Columns per packed panel of weights on `kernel`'s path: 16 (two ymm registers) on AVX2,
+/// [`PANEL`] elsewhere. Whoever packs a panel and whoever reads it ask this of the same kernel.
+fn panel_width(kernel: Kernel) -> usize {
+    match kernel.f32_path() {
+        Kernel::Avx2 => 16,
+        _ => PANEL,
+    }
+}
+
+/// `[k][n]` f32 weights packed in panels of `width` columns: panel `p` holds `k` rows of
+/// columns `p*width..(p+1)*width`, contiguous.
 #[derive(Debug)]
 struct Panels {
     k: usize,
     n: usize,
+    width: usize,
     packed: Vec<f32>,
 }
 
 impl Panels {
-    fn new(k: usize, n: usize, plain: &[f32]) -> Panels {
-        assert!(n.is_multiple_of(PANEL) && plain.len() == k * n);
+    fn new(k: usize, n: usize, width: usize, plain: &[f32]) -> Panels {
+        assert!(n.is_multiple_of(width) && plain.len() == k * n);
         let mut packed = Vec::with_capacity(k * n);
-        for p in 0..n / PANEL {
+        for p in 0..n / width {
             for kk in 0..k {
-                packed.extend_from_slice(&plain[kk * n + p * PANEL..][..PANEL]);
+                packed.extend_from_slice(&plain[kk * n + p * width..][..width]);
             }
         }
-        Panels { k, n, packed }
+        Panels { k, n, width, packed }
     }
 }
 
@@ -580,7 +591,7 @@ impl Linear {
     }
 
     fn run_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        let (k, n) = (self.weights.k, self.weights.n);
+        let (k, n, width) = (self.weights.k, self.weights.n, self.weights.width);
         let w = &self.weights.packed;
         match checked(self.kernel) {
             #[cfg(target_arch = "x86_64")]
@@ -588,14 +599,17 @@ impl Linear {
             Kernel::Avx512 => unsafe { avx512::linear(x, rows, &self.weights, &self.bias, self.gelu, y) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `checked` confirmed AVX2 and FMA on this CPU; `product` checks the lengths.
-            Kernel::Avx2 => unsafe { avx2::product(x, k, rows, k, w, &self.bias, self.gelu, y, n, n) },
+            Kernel::Avx2 => unsafe {
+                assert_eq!(width, avx2::WIDTH);
+                avx2::product(x, k, rows, k, w, &self.bias, self.gelu, y, n, n)
+            },
             _ => {
                 for r in 0..rows {
                     for col in 0..n {
-                        let (p, c) = (col / PANEL, col % PANEL);
+                        let (p, c) = (col / width, col % width);
                         let mut acc = 0f32;
                         for kk in 0..k {
-                            acc = x[r * k + kk].mul_add(w[(p * k + kk) * PANEL + c], acc);
+                            acc = x[r * k + kk].mul_add(w[(p * k + kk) * width + c], acc);
                         }
                         let v = acc + self.bias[col];
                         y[r * n + col] = if self.gelu { scalar::gelu(v) } else { v };
@@ -704,16 +718,16 @@ fn scores(kernel: Kernel, q: &[f32], k: &[f32], q_shape: &[usize], n: usize, s: 
     }
     split_rows(s, m * n, batch * heads * m * n * d, |first, s| {
         HEAD_PANELS.with_borrow_mut(|buf| {
-            let panels = n.div_ceil(PANEL);
+            let pw = panel_width(kernel);
             buf.clear();
-            buf.resize(panels * d * PANEL, 0.0);
+            buf.resize(n.div_ceil(pw) * d * pw, 0.0);
             for (ix, sh) in s.chunks_exact_mut(m * n).enumerate() {
                 let (a, h) = ((first + ix) / heads, (first + ix) % heads);
-                // K^T of this head in panels of 32 columns (j), zero past n.
+                // K^T of this head in panels of `pw` columns (j), zero past n.
                 for j in 0..n {
-                    let (p, c) = (j / PANEL, j % PANEL);
+                    let (p, c) = (j / pw, j % pw);
                     for kk in 0..d {
-                        buf[(p * d + kk) * PANEL + c] = k[(a * n + j) * row + h * d + kk];
+                        buf[(p * d + kk) * pw + c] = k[(a * n + j) * row + h * d + kk];
                     }
                 }
                 let qh = &q[a * m * row + h * d..];
@@ -734,9 +748,9 @@ fn mix(kernel: Kernel, p: &[f32], v: &[f32], p_shape: &[usize], d: usize, o: &mu
     }
     split_rows(o, row, batch * heads * m * k * d, |first, o| {
         HEAD_PANELS.with_borrow_mut(|buf| {
-            let panels = d.div_ceil(PANEL);
+            let pw = panel_width(kernel);
             buf.clear();
-            buf.resize(panels * k * PANEL, 0.0);
+            buf.resize(d.div_ceil(pw) * k * pw, 0.0);
             let (start, end) = (first, first + o.len() / row);
             for a in start / m..end.div_ceil(m) {
                 // This chunk's rows of batch entry `a`: tokens i0..i1.
@@ -744,7 +758,7 @@ fn mix(kernel: Kernel, p: &[f32], v: &[f32], p_shape: &[usize], d: usize, o: &mu
                 for h in 0..heads {
                     for j in 0..k {
                         for c in 0..d {
-                            buf[((c / PANEL) * k + j) * PANEL + c % PANEL] = v[(a * k + j) * row + h * d + c];
+                            buf[((c / pw) * k + j) * pw + c % pw] = v[(a * k + j) * row + h * d + c];
                         }
                     }
                     let ph = &p[((a * heads + h) * m + i0) * k..][..(i1 - i0) * k];
@@ -757,7 +771,7 @@ fn mix(kernel: Kernel, p: &[f32], v: &[f32], p_shape: &[usize], d: usize, o: &mu
 }
 
 /// `y[i][c] = sum_kk x[i * xs + kk] w[kk][c]` for `rows` rows and `cols` columns, `w` packed
-/// in panels of 32 columns (`k` rows each), `y` at row stride `ys`.
+/// in panels of [`panel_width`] columns (`k` rows each), `y` at row stride `ys`.
 #[allow(clippy::too_many_arguments)]
 fn product(
     kernel: Kernel,
@@ -774,7 +788,8 @@ fn product(
         return;
     }
     assert!(x.len() >= (rows - 1) * xs + k);
-    assert!(y.len() >= (rows - 1) * ys + cols && w.len() >= cols.div_ceil(PANEL) * k * PANEL);
+    let pw = panel_width(kernel);
+    assert!(y.len() >= (rows - 1) * ys + cols && w.len() >= cols.div_ceil(pw) * k * pw);
     match checked(kernel) {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 => {
@@ -793,10 +808,10 @@ fn product(
         _ => {
             for i in 0..rows {
                 for c in 0..cols {
-                    let (p, cc) = (c / PANEL, c % PANEL);
+                    let (p, cc) = (c / pw, c % pw);
                     let mut acc = 0f32;
                     for kk in 0..k {
-                        acc = x[i * xs + kk].mul_add(w[(p * k + kk) * PANEL + cc], acc);
+                        acc = x[i * xs + kk].mul_add(w[(p * k + kk) * pw + cc], acc);
                     }
                     y[i * ys + c] = acc;
                 }
@@ -886,22 +901,23 @@ fn attention(kernel: Kernel, [q, k, v]: [&[f32]; 3], q_shape: &[usize], n: usize
     let softmax = RowOp { kind: Kind::Softmax, kernel };
     split_rows(o, v_row, batch * heads * m * n * (d + dv), |first, o| {
         ATTENTION_BUFFERS.with_borrow_mut(|[k_panels, v_panels, s]| {
+            let pw = panel_width(kernel);
             k_panels.clear();
-            k_panels.resize(n.div_ceil(PANEL) * d * PANEL, 0.0);
+            k_panels.resize(n.div_ceil(pw) * d * pw, 0.0);
             v_panels.clear();
-            v_panels.resize(dv.div_ceil(PANEL) * n * PANEL, 0.0);
+            v_panels.resize(dv.div_ceil(pw) * n * pw, 0.0);
             s.resize(ATTENTION_ROWS * n, 0.0);
             let (start, end) = (first, first + o.len() / v_row);
             for a in start / m..end.div_ceil(m) {
                 let (i0, i1) = (start.max(a * m) - a * m, end.min((a + 1) * m) - a * m);
                 for h in 0..heads {
                     for j in 0..n {
-                        let (p, c) = (j / PANEL, j % PANEL);
+                        let (p, c) = (j / pw, j % pw);
                         for kk in 0..d {
-                            k_panels[(p * d + kk) * PANEL + c] = k[(a * n + j) * q_row + h * d + kk];
+                            k_panels[(p * d + kk) * pw + c] = k[(a * n + j) * q_row + h * d + kk];
                         }
                         for c in 0..dv {
-                            v_panels[((c / PANEL) * n + j) * PANEL + c % PANEL] = v[(a * n + j) * v_row + h * dv + c];
+                            v_panels[((c / pw) * n + j) * pw + c % pw] = v[(a * n + j) * v_row + h * dv + c];
                         }
                     }
                     for r0 in (i0..i1).step_by(ATTENTION_ROWS) {
@@ -1406,7 +1422,7 @@ fn fuse_linear(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
             None => {
                 let w = model.outlet_fact(w_outlet)?.konst.clone().context("weights")?;
                 let plain = w.try_as_plain_ram()?;
-                let p = Arc::new(Panels::new(k, n, plain.as_slice::<f32>()?));
+                let p = Arc::new(Panels::new(k, n, panel_width(kernel), plain.as_slice::<f32>()?));
                 panels.insert(w_outlet, p.clone());
                 p
             }
@@ -1636,6 +1652,8 @@ mod tests {
             // One op: the GELU row op is folded into the matmul.
             ("linear+gelu 129x128x512", linear_model([1, 129, 128], 512, true, None), 1, 3.0, 1e-5),
             ("linear+gelu 150x300x64", linear_model([1, 150, 300], 64, true, None), 1, 3.0, 1e-5),
+            // k in three blocks on AVX2 (384 + 384 + 32): bias and GELU after a resumed block.
+            ("linear+gelu 80x800x64", linear_model([1, 80, 800], 64, true, None), 1, 3.0, 1e-5),
             ("mlp", mlp_model(), 2, 3.0, 1e-5),
             ("attention 129 tokens, 4x32", attention_model(1, 129, 4, 32), 2, 1.0, 1e-5),
             ("attention 2x7 tokens, 2x48", attention_model(2, 7, 2, 48), 2, 1.0, 1e-5),

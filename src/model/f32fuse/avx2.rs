@@ -3,24 +3,32 @@
 //! AVX-512 such as AMD Zen 2/3 and most desktop Intel parts.
 //!
 //! The matrix product is blocked for the caches, since at the paper's size (1568 tokens,
-//! k up to 3072) neither the activations nor the weights fit in L2: rows in blocks of [`MC`],
-//! k in blocks of [`KC`], and a 6-row x 16-column micro-kernel (12 accumulators) over one half
-//! of a 32-column weight panel, which stays in L1 while the row block streams past it. A k
-//! block after the first reloads the partial sums from `y` and goes on with the same FMA
-//! chain, so the result is the unblocked chain's, bit for bit; bias and GELU come with the
-//! last k block. Every function here must only run where AVX2 and FMA were detected.
+//! k up to 3072) neither the activations nor the weights fit in L2. The weights come in
+//! panels of [`WIDTH`] = 16 columns (two ymm registers), each panel's k rows contiguous, so a
+//! k block of one panel is one contiguous run that spreads over every L1 set (32-column
+//! panels read half of each 128-byte row, which maps a k block onto half the sets and lets
+//! the activations evict it). Rows go in blocks of [`MC`]; for each row block every panel is
+//! finished (all its k blocks of [`KC`]) before the next, so the partial sums being resumed
+//! are the 72 x 16 tile just written, still in L1, not a row block of the whole output from
+//! L3. The 6-row x 16-column micro-kernel keeps 12 accumulators. A k block after the first
+//! reloads the partial sums from `y` and goes on with the same FMA chain, so the result is
+//! the unblocked chain's, bit for bit; bias and GELU come with the last k block. Every
+//! function here must only run where AVX2 and FMA were detected.
 
 use std::arch::x86_64::*;
 
-use super::{EXP_HI, EXP_LO, GELU_A, PANEL, SQRT_2_OVER_PI, scalar};
+use super::{EXP_HI, EXP_LO, GELU_A, SQRT_2_OVER_PI, scalar};
 
 /// Rows per micro-kernel call: 6 rows x 2 registers = 12 accumulators, plus the two weight
 /// registers and the broadcast, of 16.
 const MR: usize = 6;
-/// Rows per cache block: its `KC` columns of activations (144 KiB) stay in L2.
-const MC: usize = 144;
-/// k per cache block: a half panel of weights (`KC` x 16 x 4 bytes = 16 KiB) stays in L1.
-const KC: usize = 256;
+/// Columns per packed weight panel on this path (the AVX-512 path's panels are 32 wide).
+pub const WIDTH: usize = 16;
+/// Rows per cache block: its `KC` columns of activations (108 KiB) stay in L2.
+const MC: usize = 72;
+/// k per cache block: a panel's k block of weights (`KC` x 16 x 4 bytes = 24 KiB) stays in L1
+/// while the row block's micro-kernels pass over it.
+const KC: usize = 384;
 
 /// exp of 8 lanes: `2^n * p(r)`, `x = n ln2 + r`, `|r| <= ln2/2`, p of degree 7 (as the
 /// AVX-512 path). `2^n` is built as two powers `2^(n/2) 2^(n - n/2)` so that n = 128 (at
@@ -179,11 +187,12 @@ struct Step {
 }
 
 /// `R` rows x up to 16 columns (`cols`) of `y = x . w`: `x` at row stride `xs`, `kc` values
-/// of k; `w` a half panel (16 columns at row stride [`PANEL`]); `y` at row stride `ys`.
+/// of k; `w` a panel's k block (`kc` rows of [`WIDTH`] floats, contiguous); `y` at row
+/// stride `ys`.
 ///
 /// # Safety
-/// AVX2 and FMA present; `x` readable for `R` rows of `kc` values at stride `xs`; `w` for `kc`
-/// rows of 16 floats at stride `PANEL`; `y` readable and writable for `R` rows of `cols` <= 16
+/// AVX2 and FMA present; `x` readable for `R` rows of `kc` values at stride `xs`; `w` for
+/// `kc * 16` floats; `y` readable and writable for `R` rows of `cols` <= 16
 /// values at stride `ys`; `bias`, unless null, readable for `cols` values.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -219,8 +228,8 @@ unsafe fn kernel<const R: usize>(
             }
         }
         for kk in 0..kc {
-            let w0 = _mm256_loadu_ps(w.add(kk * PANEL));
-            let w1 = _mm256_loadu_ps(w.add(kk * PANEL + 8));
+            let w0 = _mm256_loadu_ps(w.add(kk * WIDTH));
+            let w1 = _mm256_loadu_ps(w.add(kk * WIDTH + 8));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = _mm256_broadcast_ss(&*x.add(r * xs + kk));
                 acc[0] = _mm256_fmadd_ps(a, w0, acc[0]);
@@ -260,7 +269,7 @@ unsafe fn kernel<const R: usize>(
 }
 
 /// `y[i][c] = sum_kk x[i * xs + kk] w[kk][c] (+ bias[c], then GELU with `gelu`)` for `rows`
-/// rows and `cols` columns; `w` packed in panels of [`PANEL`] columns (`k` rows each, zero
+/// rows and `cols` columns; `w` packed in panels of [`WIDTH`] columns (`k` rows each, zero
 /// past `cols`), `y` at row stride `ys`; `bias` empty for none, else `cols` values.
 ///
 /// # Safety
@@ -283,49 +292,44 @@ pub unsafe fn product(
         return;
     }
     assert!(x.len() >= (rows - 1) * xs + k && y.len() >= (rows - 1) * ys + cols);
-    assert!(w.len() >= cols.div_ceil(PANEL) * k * PANEL && (bias.is_empty() || bias.len() >= cols));
+    assert!(w.len() >= cols.div_ceil(WIDTH) * k * WIDTH && (bias.is_empty() || bias.len() >= cols));
     let (x, w, y) = (x.as_ptr(), w.as_ptr(), y.as_mut_ptr());
     let bias = if bias.is_empty() { std::ptr::null() } else { bias.as_ptr() };
     for r0 in (0..rows).step_by(MC) {
         let mc = (rows - r0).min(MC);
-        // k = 0 still takes one (empty) block: y = bias.
-        let mut k0 = 0;
-        loop {
-            let kc = (k - k0).min(KC);
-            let step = Step { resume: k0 > 0, finish: k0 + kc == k, gelu };
-            for p in 0..cols.div_ceil(PANEL) {
-                for half in 0..2 {
-                    let c0 = p * PANEL + half * 16;
-                    if c0 >= cols {
-                        break;
-                    }
-                    let width = (cols - c0).min(16);
-                    // SAFETY: the asserts above: panel `p` holds `k` rows of PANEL floats
-                    // from `p * k * PANEL`; rows `r0..r0 + mc` of x, y and columns
-                    // `c0..c0 + width` of y and bias are in bounds.
-                    unsafe {
-                        let wp = w.add(p * k * PANEL + k0 * PANEL + half * 16);
-                        let b = if bias.is_null() { bias } else { bias.add(c0) };
-                        let mut r = r0;
-                        while r < r0 + mc {
-                            let block = (r0 + mc - r).min(MR);
-                            let (xr, yr) = (x.add(r * xs + k0), y.add(r * ys + c0));
-                            match block {
-                                6 => kernel::<6>(xr, xs, kc, wp, b, step, yr, ys, width),
-                                5 => kernel::<5>(xr, xs, kc, wp, b, step, yr, ys, width),
-                                4 => kernel::<4>(xr, xs, kc, wp, b, step, yr, ys, width),
-                                3 => kernel::<3>(xr, xs, kc, wp, b, step, yr, ys, width),
-                                2 => kernel::<2>(xr, xs, kc, wp, b, step, yr, ys, width),
-                                _ => kernel::<1>(xr, xs, kc, wp, b, step, yr, ys, width),
-                            }
-                            r += block;
+        for p in 0..cols.div_ceil(WIDTH) {
+            let c0 = p * WIDTH;
+            let width = (cols - c0).min(WIDTH);
+            // k = 0 still takes one (empty) block: y = bias.
+            let mut k0 = 0;
+            loop {
+                let kc = (k - k0).min(KC);
+                let step = Step { resume: k0 > 0, finish: k0 + kc == k, gelu };
+                // SAFETY: the asserts above: panel `p` holds `k` rows of WIDTH floats from
+                // `p * k * WIDTH`; rows `r0..r0 + mc` of x, y and columns `c0..c0 + width`
+                // of y and bias are in bounds.
+                unsafe {
+                    let wp = w.add((p * k + k0) * WIDTH);
+                    let b = if bias.is_null() { bias } else { bias.add(c0) };
+                    let mut r = r0;
+                    while r < r0 + mc {
+                        let block = (r0 + mc - r).min(MR);
+                        let (xr, yr) = (x.add(r * xs + k0), y.add(r * ys + c0));
+                        match block {
+                            6 => kernel::<6>(xr, xs, kc, wp, b, step, yr, ys, width),
+                            5 => kernel::<5>(xr, xs, kc, wp, b, step, yr, ys, width),
+                            4 => kernel::<4>(xr, xs, kc, wp, b, step, yr, ys, width),
+                            3 => kernel::<3>(xr, xs, kc, wp, b, step, yr, ys, width),
+                            2 => kernel::<2>(xr, xs, kc, wp, b, step, yr, ys, width),
+                            _ => kernel::<1>(xr, xs, kc, wp, b, step, yr, ys, width),
                         }
+                        r += block;
                     }
                 }
-            }
-            k0 += kc;
-            if k0 >= k {
-                break;
+                k0 += kc;
+                if k0 >= k {
+                    break;
+                }
             }
         }
     }
