@@ -11,8 +11,16 @@
 //! bias). The arithmetic is tract's: the same u8 values, exact i32 sums, then the `Mul` and
 //! the `Add` as two f32 roundings, so the outputs are bit-identical (unit tests below).
 //!
-//! Only used where the CPU has AMX-INT8 and the OS grants the tile state (tract asks for it);
-//! a graph without such chains (any f32 model) is left untouched.
+//! On CPUs without AMX but with AVX2 (AMD Zen, Intel N100-class and desktop parts) the same op
+//! runs [`Int8Path::Avx2`]: the u8 activations widened to i16 pairs, the weights packed once at
+//! load as i16 pairs in panels of 16 channels, and `vpmaddwd` (two u8 x s8 products summed
+//! into an i32 lane, exact: at most 2 x 255 x 128) with `vpaddd`, a 6-row x 16-channel
+//! micro-kernel, the rows split over the model's threads. Exact i32 sums and the same two
+//! roundings, so bit-identical to tract too. (`vpmaddubsw` would take u8 x s8 directly, but
+//! sums each pair in saturating i16: 2 x 255 x 127 overflows it, and onnxruntime's outputs on
+//! such CPUs then depend on the weights' luck.)
+//!
+//! A graph without such chains (any f32 model) is left untouched.
 
 use std::sync::Arc;
 
@@ -22,6 +30,34 @@ use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::einsum::EinSum;
+
+/// Which code an [`Int8Linear`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Path {
+    /// `tdpbusd` tiles: needs [`available`].
+    Amx,
+    /// `vpmaddwd` on i16 pairs: needs AVX2 ([`avx2_available`]).
+    Avx2,
+    /// Plain Rust (tests; slower than tract's own kernels, so the runtime never picks it).
+    Portable,
+}
+
+/// Whether this machine has AVX2, for [`Int8Path::Avx2`].
+pub fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Channels per panel of [`Int8Path::Avx2`]'s packed weights: two ymm registers of i32 sums.
+const PAIR_PANEL: usize = 16;
+/// Rows per micro-kernel call of [`Int8Path::Avx2`]: 6 rows x 2 registers = 12 accumulators.
+const PAIR_MR: usize = 6;
 
 /// Whether this machine runs [`Int8Linear`] on AMX (x86_64 with AMX-INT8, tile state granted).
 pub fn available() -> bool {
@@ -48,9 +84,14 @@ struct Weights {
     n: usize,
     /// Row-major `[k][n]`, for the portable path.
     plain: Vec<i8>,
-    /// The AMX tiles (x86-64 only; elsewhere the portable path reads `plain`).
+    /// The AMX tiles (x86-64 and [`Int8Path::Amx`] only, else empty).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     packed: Vec<i8>,
+    /// [`Int8Path::Avx2`]'s weights (else empty): per panel of [`PAIR_PANEL`] channels, per
+    /// pair of k (`k` rounded up to even, zero past it), 16 channels x 2 i16 `(w[2p][c],
+    /// w[2p+1][c])`, 64 bytes.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pairs: Vec<i16>,
     /// Zero point of the input times the column sums of the weights.
     zp_colsum: Vec<i32>,
     scale: Vec<f32>,
@@ -58,11 +99,22 @@ struct Weights {
 }
 
 impl Weights {
-    fn new(k: usize, plain: Vec<i8>, zp: u8, scale: Vec<f32>, bias: Vec<f32>) -> Weights {
+    fn new(k: usize, plain: Vec<i8>, zp: u8, scale: Vec<f32>, bias: Vec<f32>, path: Int8Path) -> Weights {
         let n = scale.len();
         debug_assert_eq!(plain.len(), k * n);
-        let mut packed = vec![0i8; k * n];
-        let k_blocks = k / K_BLOCK;
+        let mut packed = vec![0i8; if path == Int8Path::Amx { k * n } else { 0 }];
+        let k_blocks = if path == Int8Path::Amx { k / K_BLOCK } else { 0 };
+        let k_pairs = k.div_ceil(2);
+        let mut pairs =
+            vec![0i16; if path == Int8Path::Avx2 { n.div_ceil(PAIR_PANEL) * k_pairs * PAIR_PANEL * 2 } else { 0 }];
+        if path == Int8Path::Avx2 {
+            for col in 0..n {
+                let (p, c) = (col / PAIR_PANEL, col % PAIR_PANEL);
+                for kk in 0..k {
+                    pairs[((p * k_pairs + kk / 2) * PAIR_PANEL + c) * 2 + kk % 2] = plain[kk * n + col] as i16;
+                }
+            }
+        }
         for group in 0..n / 16 {
             for kb in 0..k_blocks {
                 let tile = &mut packed[(group * k_blocks + kb) * 1024..][..1024];
@@ -78,7 +130,7 @@ impl Weights {
         }
         let zp_colsum =
             (0..n).map(|col| (0..k).map(|kk| plain[kk * n + col] as i32).sum::<i32>() * zp as i32).collect();
-        Weights { k, n, plain, packed, zp_colsum, scale, bias }
+        Weights { k, n, plain, packed, pairs, zp_colsum, scale, bias }
     }
 }
 
@@ -93,7 +145,7 @@ pub struct Int8Linear {
     /// N of each output, in order; their weights are concatenated in `weights`.
     outputs: Vec<usize>,
     weights: Arc<Weights>,
-    amx: bool,
+    path: Int8Path,
 }
 
 impl PartialEq for Int8Linear {
@@ -102,7 +154,7 @@ impl PartialEq for Int8Linear {
             && self.outputs == other.outputs
             && [self.inv_scale, self.offset, self.lo, self.hi].map(f32::to_bits)
                 == [other.inv_scale, other.offset, other.lo, other.hi].map(f32::to_bits)
-            && self.amx == other.amx
+            && self.path == other.path
     }
 }
 
@@ -115,8 +167,8 @@ impl Op for Int8Linear {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "k: {} outputs: {:?} amx: {} inv_scale: {} offset: {}",
-            self.weights.k, self.outputs, self.amx, self.inv_scale, self.offset
+            "k: {} outputs: {:?} path: {:?} inv_scale: {} offset: {}",
+            self.weights.k, self.outputs, self.path, self.inv_scale, self.offset
         )])
     }
 
@@ -150,7 +202,12 @@ impl EvalOp for Int8Linear {
                 views.iter_mut().map(|v| v.as_slice_mut::<f32>()).collect::<TractResult<_>>()?;
             if rows > 0 {
                 #[cfg(target_arch = "x86_64")]
-                if self.amx && available() {
+                if self.path == Int8Path::Avx2 && avx2_available() {
+                    self.run_pairs(x, rows, &mut slices);
+                    return Ok(outputs.into_iter().map(|t| t.into_tvalue()).collect());
+                }
+                #[cfg(target_arch = "x86_64")]
+                if self.path == Int8Path::Amx && available() {
                     // SAFETY: `available` confirmed AMX-INT8 (and AVX-512F with it) and the
                     // OS's grant of the tile state; the matcher only built this op with k a
                     // non-zero multiple of 64 and each N a multiple of 32 (`amx`).
@@ -277,6 +334,177 @@ impl Int8Linear {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Int8Linear {
+    /// [`Int8Path::Avx2`]: the rows split over the model's threads, each part quantising its
+    /// own rows. Needs AVX2 (checked by the caller) and weights packed for this path.
+    fn run_pairs(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+        let w = &*self.weights;
+        let per = super::kernel::rows_per_part(rows, rows * w.k * w.n);
+        let mut parts: Vec<(usize, Vec<&mut [f32]>)> = (0..rows.div_ceil(per)).map(|ix| (ix * per, vec![])).collect();
+        for (out, &n) in outputs.iter_mut().zip(&self.outputs) {
+            for (part, chunk) in parts.iter_mut().zip(out.chunks_mut(per * n)) {
+                part.1.push(chunk);
+            }
+        }
+        super::kernel::run_parts(parts, |(first, mut outs)| {
+            let here = per.min(rows - first);
+            // SAFETY: AVX2 per this function's contract; `pairs_rows` checks the lengths.
+            unsafe { self.pairs_rows(&x[first * w.k..][..here * w.k], here, &mut outs) }
+        });
+    }
+
+    /// `rows` rows of `x` into `outputs` (each `rows` rows of its N).
+    ///
+    /// # Safety
+    /// AVX2 present; the weights packed for [`Int8Path::Avx2`]; every output's N a multiple
+    /// of [`PAIR_PANEL`] (the matcher).
+    #[target_feature(enable = "avx2")]
+    unsafe fn pairs_rows(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+        let w = &*self.weights;
+        let (k, k_pairs) = (w.k, w.k.div_ceil(2));
+        let stride = k_pairs * 2;
+        assert!(x.len() == rows * k && w.pairs.len() == w.n.div_ceil(PAIR_PANEL) * k_pairs * PAIR_PANEL * 2);
+        for (out, &n) in outputs.iter().zip(&self.outputs) {
+            assert!(n.is_multiple_of(PAIR_PANEL) && out.len() == rows * n);
+        }
+        // Rows per block: their i16 values (up to 256 KiB) stay in L2 while every panel of
+        // weights passes over them.
+        let block = ((256 << 10) / (stride * 2) / PAIR_MR * PAIR_MR).clamp(PAIR_MR, 72);
+        QUANTISED_PAIRS.with_borrow_mut(|q| {
+            q.clear();
+            q.resize(rows * stride, 0);
+            for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(stride)) {
+                // SAFETY: AVX2 per this function's contract; `q` is at least as long as `x`.
+                unsafe { self.quantize_avx2(x, q) };
+            }
+            for r0 in (0..rows).step_by(block) {
+                let mc = (rows - r0).min(block);
+                let mut col0 = 0;
+                for (out, &n) in outputs.iter_mut().zip(&self.outputs) {
+                    for local in (0..n).step_by(PAIR_PANEL) {
+                        let col = col0 + local;
+                        let wp = w.pairs[(col / PAIR_PANEL) * k_pairs * PAIR_PANEL * 2..].as_ptr();
+                        let mut r = r0;
+                        while r < r0 + mc {
+                            let count = (r0 + mc - r).min(PAIR_MR);
+                            let a = q[r * stride..].as_ptr();
+                            let y = out[r * n + local..].as_mut_ptr();
+                            let e = Epilogue { zp: &w.zp_colsum[col..], scale: &w.scale[col..], bias: &w.bias[col..] };
+                            // SAFETY: rows r..r + count of `q` (stride `stride`, k_pairs pairs
+                            // each) and of the output (16 columns from `local`, stride n, in
+                            // bounds: n is a multiple of 16); the panel holds k_pairs x 32
+                            // i16; `e` holds 16 values each (col + 16 <= N in all).
+                            unsafe {
+                                match count {
+                                    6 => pairs_kernel::<6>(a, stride, k_pairs, wp, &e, y, n),
+                                    5 => pairs_kernel::<5>(a, stride, k_pairs, wp, &e, y, n),
+                                    4 => pairs_kernel::<4>(a, stride, k_pairs, wp, &e, y, n),
+                                    3 => pairs_kernel::<3>(a, stride, k_pairs, wp, &e, y, n),
+                                    2 => pairs_kernel::<2>(a, stride, k_pairs, wp, &e, y, n),
+                                    _ => pairs_kernel::<1>(a, stride, k_pairs, wp, &e, y, n),
+                                }
+                            }
+                            r += count;
+                        }
+                    }
+                    col0 += n;
+                }
+            }
+        })
+    }
+
+    /// [`Int8Linear::quantize`] over `x` into `q` as i16, 16 lanes at a time; `q[x.len()..]`
+    /// (the pad of an odd k) set to 0.
+    ///
+    /// # Safety
+    /// AVX2 present; `q` at least as long as `x`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&self, x: &[f32], q: &mut [i16]) {
+        use std::arch::x86_64::*;
+        assert!(q.len() >= x.len());
+        let (inv, off, lo, hi) = (
+            _mm256_set1_ps(self.inv_scale),
+            _mm256_set1_ps(self.offset),
+            _mm256_set1_ps(self.lo),
+            _mm256_set1_ps(self.hi),
+        );
+        let whole = x.len() / 16 * 16;
+        for (x, q) in x[..whole].chunks_exact(16).zip(q[..whole].chunks_exact_mut(16)) {
+            // SAFETY: chunks of exactly 16 values: 64 bytes read, 32 written.
+            unsafe {
+                // max(v, lo) and min(v, hi) with the variable first: a NaN gives the bound,
+                // as f32::max / f32::min do. Mul then Add, two roundings, as tract.
+                let clip = |v: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), off), lo), hi);
+                let a = _mm256_cvttps_epi32(clip(_mm256_loadu_ps(x.as_ptr())));
+                let b = _mm256_cvttps_epi32(clip(_mm256_loadu_ps(x.as_ptr().add(8))));
+                // packus works per 128-bit lane: a0-3 b0-3 a4-7 b4-7, put back in order.
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(a, b));
+                _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, packed);
+            }
+        }
+        for (q, &x) in q[whole..].iter_mut().zip(&x[whole..]) {
+            *q = self.quantize(x) as i16;
+        }
+        q[x.len()..].iter_mut().for_each(|q| *q = 0);
+    }
+}
+
+/// The per-channel terms of 16 output columns: `(acc - zp) * scale + bias`.
+#[cfg(target_arch = "x86_64")]
+struct Epilogue<'a> {
+    zp: &'a [i32],
+    scale: &'a [f32],
+    bias: &'a [f32],
+}
+
+/// `R` rows x 16 channels: `a` the rows' i16 activations (stride `sa`, `k_pairs` pairs), `w` a
+/// panel of [`Weights::pairs`]; the i32 sums through `e` into `y` (row stride `ys`).
+///
+/// # Safety
+/// AVX2 present; `a` readable for `R` rows of `2 * k_pairs` i16 at stride `sa`; `w` for
+/// `k_pairs * 32` i16; `e`'s slices at least 16 long; `y` writable for `R` rows of 16 f32 at
+/// stride `ys`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn pairs_kernel<const R: usize>(
+    a: *const i16,
+    sa: usize,
+    k_pairs: usize,
+    w: *const i16,
+    e: &Epilogue,
+    y: *mut f32,
+    ys: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(e.zp.len() >= 16 && e.scale.len() >= 16 && e.bias.len() >= 16);
+    // SAFETY: the contract above covers every offset: rows `r < R`, pairs `p < k_pairs`, the
+    // panel's 32 i16 per pair, 16 columns of y.
+    unsafe {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for p in 0..k_pairs {
+            let w0 = _mm256_loadu_si256(w.add(p * 32) as *const __m256i);
+            let w1 = _mm256_loadu_si256(w.add(p * 32 + 16) as *const __m256i);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair = (a.add(r * sa + 2 * p) as *const i32).read_unaligned();
+                let v = _mm256_set1_epi32(pair);
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(v, w0));
+                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(v, w1));
+            }
+        }
+        for half in 0..2 {
+            let zp = _mm256_loadu_si256(e.zp[half * 8..].as_ptr() as *const __m256i);
+            let scale = _mm256_loadu_ps(e.scale[half * 8..].as_ptr());
+            let bias = _mm256_loadu_ps(e.bias[half * 8..].as_ptr());
+            for (r, acc) in acc.iter().enumerate() {
+                let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[half], zp));
+                _mm256_storeu_ps(y.add(r * ys + half * 8), _mm256_add_ps(_mm256_mul_ps(v, scale), bias));
+            }
+        }
+    }
+}
+
 impl Int8Linear {
     /// [`Int8Linear::quantize`] over `x` into `q`, 16 lanes at a time.
     ///
@@ -339,6 +567,8 @@ unsafe fn epilogue(block: &Block, rows: usize, zp: &[i32], scale: &[f32], bias: 
 }
 
 thread_local! {
+    /// [`Int8Path::Avx2`]'s quantised rows as i16 (reused between calls).
+    static QUANTISED_PAIRS: std::cell::RefCell<Vec<i16>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The quantised rows, padded to a multiple of 32 rows (reused between calls).
     static QUANTISED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -546,7 +776,8 @@ struct Group {
 
 /// The groups reading the u8 cast `cast_u8` and their f32 input, if every consumer of the
 /// cast is such a matmul (or a row slice feeding only such matmuls).
-fn match_groups(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(OutletId, Vec<Group>)> {
+fn match_groups(model: &TypedModel, cast_u8: &TypedNode, path: Int8Path) -> Option<(OutletId, Vec<Group>)> {
+    let amx = path == Int8Path::Amx;
     if cast_u8.op_as::<Cast>()?.to != u8::datum_type() {
         return None;
     }
@@ -593,7 +824,12 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(O
         if chains.is_empty() {
             continue;
         }
-        if chains.iter().any(|c| c.1 != chains[0].1 || (amx && c.2.len() % N_BLOCK != 0)) {
+        let whole = |n: usize| match path {
+            Int8Path::Amx => n.is_multiple_of(N_BLOCK),
+            Int8Path::Avx2 => n.is_multiple_of(PAIR_PANEL),
+            Int8Path::Portable => true,
+        };
+        if chains.iter().any(|c| c.1 != chains[0].1 || !whole(c.2.len())) {
             return None;
         }
         let zp = chains[0].1;
@@ -612,8 +848,8 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, amx: bool) -> Option<(O
             replaced.push(out);
             col0 += n;
         }
-        let weights = Arc::new(Weights::new(k, plain, zp, scale, bias));
-        let op = Int8Linear { inv_scale, offset, lo, hi, outputs, weights, amx };
+        let weights = Arc::new(Weights::new(k, plain, zp, scale, bias, path));
+        let op = Int8Linear { inv_scale, offset, lo, hi, outputs, weights, path };
         groups.push(Group { slice, op, replaced });
     }
     (!groups.is_empty()).then_some((x, groups))
@@ -626,15 +862,15 @@ fn amx_takes_k(k: usize) -> bool {
     k > 0 && k.is_multiple_of(K_BLOCK)
 }
 
-/// Replaces each quantised weight-matmul group of a decluttered model by one [`Int8Linear`];
-/// returns how many were replaced. `amx`: run them on AMX (see [`available`]); false keeps
-/// the portable path (tests). The op checks [`available`] again before each AMX call.
-pub fn fuse(model: &mut TypedModel, amx: bool) -> TractResult<usize> {
+/// Replaces each quantised weight-matmul group of a decluttered model by one [`Int8Linear`]
+/// on `path`; returns how many were replaced. The op checks the CPU again before each AMX or
+/// AVX2 call (and runs the portable code where it lacks them).
+pub fn fuse(model: &mut TypedModel, path: Int8Path) -> TractResult<usize> {
     let mut fused = 0;
     loop {
         let mut found = None;
         for id in model.eval_order()? {
-            if let Some(groups) = match_groups(model, model.node(id), amx) {
+            if let Some(groups) = match_groups(model, model.node(id), path) {
                 found = Some((id, groups));
                 break;
             }
@@ -724,8 +960,9 @@ mod tests {
     }
 
     /// The fused op against tract's own optimized plan of the same graph: equal within one f32
-    /// rounding of the largest output (in practice bit-identical).
-    fn check(shape: [usize; 3], ns: &[(Option<(usize, usize)>, usize)], groups: usize, amx: bool) {
+    /// rounding of the largest output (in practice bit-identical); on 3 threads bit-identical
+    /// to 1.
+    fn check(shape: [usize; 3], ns: &[(Option<(usize, usize)>, usize)], groups: usize, path: Int8Path) {
         let model = chain(shape, ns, 7);
         let mut rng = Lcg(11);
         let len = shape.iter().product();
@@ -733,12 +970,14 @@ mod tests {
         let x: Vec<f32> = (0..len).map(|_| rng.next() * 5.0).collect();
         let x = tensor1(&x).into_shape(&shape).unwrap();
         let mut fused = model.clone();
-        assert_eq!(fuse(&mut fused, amx).unwrap(), groups);
+        assert_eq!(fuse(&mut fused, path).unwrap(), groups);
         assert!(fused.nodes.iter().all(|n| n.op_as::<EinSum>().is_none()), "einsums replaced");
         let want = run(model, &x);
-        let got = run(fused, &x);
+        let got = run(fused.clone(), &x);
+        let pool = tract_linalg::multithread::Executor::multithread(3);
+        let threaded = tract_linalg::multithread::multithread_tract_scope(pool, || run(fused, &x));
         assert_eq!(want.len(), got.len());
-        for (want, got) in want.iter().zip(&got) {
+        for ((want, got), threaded) in want.iter().zip(&got).zip(&threaded) {
             assert_eq!(want.shape(), got.shape());
             let want = want.try_as_plain_ram().unwrap();
             let want = want.as_slice::<f32>().unwrap();
@@ -746,7 +985,10 @@ mod tests {
             let got = got.as_slice::<f32>().unwrap();
             let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let worst = want.iter().zip(got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(worst <= largest * f32::EPSILON, "worst {worst} (largest {largest})");
+            assert!(worst <= largest * f32::EPSILON, "{path:?}: worst {worst} (largest {largest})");
+            let threaded = threaded.try_as_plain_ram().unwrap();
+            let threaded = threaded.as_slice::<f32>().unwrap();
+            assert!(got.iter().zip(threaded).all(|(a, b)| a.to_bits() == b.to_bits()), "{path:?}: 3 threads");
         }
     }
 
@@ -755,23 +997,36 @@ mod tests {
     /// One matmul of [`chain`]: the rows of the quantised input it reads (all: `ALL`), its N.
     type Matmul = (Option<(usize, usize)>, usize);
 
+    /// The paths this CPU runs, each with whether it is here.
+    fn paths() -> [(Int8Path, bool); 3] {
+        [(Int8Path::Portable, true), (Int8Path::Avx2, avx2_available()), (Int8Path::Amx, available())]
+    }
+
     #[test]
     fn qkv_group_matches_tract() {
         let qkv = [(ALL, 128), (ALL, 128), (ALL, 128)];
-        check([1, 129, 128], &qkv, 1, false);
-        if available() {
-            check([1, 129, 128], &qkv, 1, true);
+        for (path, here) in paths() {
+            if here {
+                check([1, 129, 128], &qkv, 1, path);
+            }
         }
     }
 
     #[test]
     fn long_k_and_batches_match_tract() {
-        check([2, 133, 512], &[(ALL, 128)], 1, false);
-        check([3, 4, 128], &[(ALL, 512)], 1, false);
-        if available() {
-            check([2, 133, 512], &[(ALL, 128)], 1, true);
-            check([3, 4, 128], &[(ALL, 512)], 1, true);
-            check([1, 1, 64], &[(ALL, 32)], 1, true);
+        for (path, here) in paths() {
+            if here {
+                check([2, 133, 512], &[(ALL, 128)], 1, path);
+                check([3, 4, 128], &[(ALL, 512)], 1, path);
+                check([1, 1, 64], &[(ALL, 32)], 1, path);
+            }
+        }
+        // AVX2: an odd k (the pad of the last pair), a k whose rows do not fit one L2 block
+        // (fewer rows per block), N of 16.
+        if avx2_available() {
+            check([1, 50, 77], &[(ALL, 48)], 1, Int8Path::Avx2);
+            check([1, 300, 3072], &[(ALL, 32)], 1, Int8Path::Avx2);
+            check([2, 9, 64], &[(ALL, 16), (ALL, 32)], 1, Int8Path::Avx2);
         }
     }
 
@@ -780,9 +1035,11 @@ mod tests {
         // A fusion layer as tract splits it: K and V over all 133 tokens, Q over 0..129 and
         // 129..133 apart.
         let layer = [(ALL, 128), (Some((0, 129)), 128), (ALL, 128), (Some((129, 133)), 128)];
-        check([1, 133, 128], &layer, 3, false);
-        if available() {
-            check([2, 133, 128], &layer, 3, true);
+        check([1, 133, 128], &layer, 3, Int8Path::Portable);
+        for (path, here) in paths() {
+            if here {
+                check([2, 133, 128], &layer, 3, path);
+            }
         }
     }
 
@@ -797,8 +1054,8 @@ mod tests {
         assert!(amx_takes_k(64) && amx_takes_k(768));
     }
 
-    /// The two int8 paths against tract's plan (amx where the CPU has it, else reported as
-    /// not available, past the harness's capture like f32fuse's path tests).
+    /// The int8 paths against tract's plan (each where the CPU has it, else reported as not
+    /// available, past the harness's capture like f32fuse's path tests).
     #[test]
     fn kernel_paths_int8_match_tract() {
         use std::io::Write as _;
@@ -809,13 +1066,16 @@ mod tests {
             ([3, 4, 128], &[(ALL, 512)], 1),
             ([2, 133, 128], &layer, 3),
         ];
-        for amx in [false, true] {
-            let name = if amx { "amx" } else { "scalar" };
-            let line = if amx && !available() {
-                format!("kernel path {name} (int8): not available on this CPU (no AMX-INT8); not run")
+        for (path, here) in paths() {
+            let name = format!("{path:?}").to_lowercase();
+            let line = if !here {
+                format!("kernel path {name} (int8): not available on this CPU; not run")
             } else {
-                cases.iter().for_each(|(shape, ns, groups)| check(*shape, ns, *groups, amx));
-                format!("kernel path {name} (int8): {} int8 patterns equal to tract's plan", cases.len())
+                cases.iter().for_each(|(shape, ns, groups)| check(*shape, ns, *groups, path));
+                format!(
+                    "kernel path {name} (int8): {} int8 patterns equal to tract's plan, 3 threads bit-identical to 1",
+                    cases.len()
+                )
             };
             let _ = writeln!(std::io::stderr(), "{line}");
         }
@@ -825,9 +1085,10 @@ mod tests {
     fn f32_matmuls_and_other_shapes_are_left_alone() {
         // An N that is not a multiple of 32 is not taken for AMX.
         let mut model = chain([1, 16, 128], &[(ALL, 48)], 3);
-        if available() {
-            assert_eq!(fuse(&mut model, true).unwrap(), 0);
-        }
+        assert_eq!(fuse(&mut model, Int8Path::Amx).unwrap(), 0);
+        // Nor one that is not a multiple of 16 for AVX2.
+        let mut model = chain([1, 16, 128], &[(ALL, 40)], 3);
+        assert_eq!(fuse(&mut model, Int8Path::Avx2).unwrap(), 0);
         // A plain f32 matmul is never touched.
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, 8, 64])).unwrap();
@@ -835,7 +1096,7 @@ mod tests {
         let y = model.wire_node("mm", EinSum::new("amk,kn->amn".parse().unwrap(), f32::datum_type()), &[x, w]).unwrap();
         model.select_output_outlets(&y).unwrap();
         let before = format!("{model:?}");
-        assert_eq!(fuse(&mut model, true).unwrap(), 0);
+        assert_eq!(fuse(&mut model, Int8Path::Amx).unwrap(), 0);
         assert_eq!(format!("{model:?}"), before);
     }
 }

@@ -157,27 +157,44 @@ pub(super) const MIN_PARALLEL_WORK: usize = 1 << 18;
 /// or all on this thread when the pool has one thread or `work` is below
 /// [`MIN_PARALLEL_WORK`]. `row_len` must be non-zero.
 pub(super) fn split_rows<T: Send>(out: &mut [T], row_len: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let rows = out.len() / row_len.max(1);
-    let pool = match current_tract_executor() {
-        Executor::MultiThread(pool) if work >= MIN_PARALLEL_WORK && rows > 1 => pool,
-        _ => return f(0, out),
-    };
-    let threads = pool.current_num_threads().clamp(1, rows);
-    if threads == 1 {
+    if row_len == 0 || out.is_empty() {
         return f(0, out);
     }
-    let per = rows.div_ceil(threads);
+    let rows = out.len() / row_len;
+    let per = rows_per_part(rows, work).max(1);
+    run_parts(out.chunks_mut(per * row_len).enumerate().collect(), |(ix, chunk)| f(ix * per, chunk));
+}
+
+/// Rows per part when `rows` rows of `work` multiply-adds in all are split over the current
+/// executor's threads: all of them (one part) on one thread or for small work.
+pub(super) fn rows_per_part(rows: usize, work: usize) -> usize {
+    let threads = match current_tract_executor() {
+        Executor::MultiThread(pool) if work >= MIN_PARALLEL_WORK && rows > 1 => {
+            pool.current_num_threads().clamp(1, rows)
+        }
+        _ => 1,
+    };
+    rows.div_ceil(threads)
+}
+
+/// Runs `f` on each part, one per thread of the current tract executor: the first on this
+/// thread, the others stolen by the pool's threads; returns once all are done.
+pub(super) fn run_parts<P: Send>(parts: Vec<P>, f: impl Fn(P) + Sync) {
+    let pool = match current_tract_executor() {
+        Executor::MultiThread(pool) if parts.len() > 1 => pool,
+        _ => return parts.into_iter().for_each(f),
+    };
     let f = &f;
     // `scope` from inside the pool (the runtime runs plans there) lets this thread work on
-    // the first range while the others are stolen; it returns once all ranges are done.
+    // the first part while the others are stolen; it returns once all parts are done.
     pool.scope(|scope| {
-        let mut chunks = out.chunks_mut(per * row_len).enumerate();
-        let first = chunks.next();
-        for (ix, chunk) in chunks {
-            scope.spawn(move |_| f(ix * per, chunk));
+        let mut parts = parts.into_iter();
+        let first = parts.next();
+        for part in parts {
+            scope.spawn(move |_| f(part));
         }
-        if let Some((_, chunk)) = first {
-            f(0, chunk);
+        if let Some(part) = first {
+            f(part);
         }
     });
 }

@@ -132,15 +132,20 @@ impl ModelRuntime {
             .into_typed()
             .and_then(|model| model.into_decluttered())
             .map_err(|err| mismatch(format!("tract cannot type the graph: {err:#}")))?;
-        // The int8 weight matmuls of a quantised model as one fused AMX op per input (int8.rs);
-        // a graph without them (any f32 model) is left as it is.
+        // The int8 weight matmuls of a quantised model as one fused op per input (int8.rs), on
+        // AMX tiles or AVX2 (`vpmaddwd`); a graph without them (any f32 model) is left as it is.
         let cpu = backend.name() == "cpu";
-        if cpu && selection == Selection::Fused(Kernel::Amx) {
+        let int8_path = match selection {
+            Selection::Fused(Kernel::Amx) => Some(super::int8::Int8Path::Amx),
+            Selection::Fused(Kernel::Avx2 | Kernel::Avx512) => Some(super::int8::Int8Path::Avx2),
+            _ => None,
+        };
+        if let (true, Some(path)) = (cpu, int8_path) {
             let mut fused = typed.clone();
-            match super::int8::fuse(&mut fused, true) {
+            match super::int8::fuse(&mut fused, path) {
                 Ok(0) => {}
                 Ok(count) => {
-                    tracing::debug!(count, "int8 matmuls fused for AMX");
+                    tracing::debug!(count, ?path, "int8 matmuls fused");
                     typed = fused;
                 }
                 Err(err) => tracing::warn!("int8 matmuls left to tract: {err:#}"),
