@@ -137,7 +137,9 @@ impl ModelRuntime {
         let cpu = backend.name() == "cpu";
         let int8_path = match selection {
             Selection::Fused(Kernel::Amx) => Some(super::int8::Int8Path::Amx),
-            Selection::Fused(Kernel::Avx2 | Kernel::Avx512) => Some(super::int8::Int8Path::Avx2),
+            // Not on the avx512 path: where AVX-512 lacks AMX, tract's own int8 kernels
+            // (VNNI-512 where present) have not been measured against this one.
+            Selection::Fused(Kernel::Avx2) => Some(super::int8::Int8Path::Avx2),
             _ => None,
         };
         if let (true, Some(path)) = (cpu, int8_path) {
