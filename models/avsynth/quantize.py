@@ -29,8 +29,13 @@ What it does to the graph, and why (measured with tract 0.23.9, models/README.md
    (int8 patch embeddings measured slower: quantising the 98k-value video input costs more than
    the matmul saves).
 2. The tanh-GELU spelled out in 8 nodes -> one `Gelu` (opset 20): `mbt.rewrite.rewrite_gelu`.
-3. `Softmax(S)` -> `E = Exp(Clip(S, -80, 80))`, `P.V` -> `(E.V) / ReduceSum(E)`. tract's
-   `Softmax` (and `ReduceMax`) on x86 run per-row kernels, about 4x the time of the Exp and sums.
+3. Only with `--softmax exp`: `Softmax(S)` -> `E = Exp(Clip(S, -80, 80))`, `P.V` ->
+   `(E.V) / ReduceSum(E)`. tract's own `Softmax` (and `ReduceMax`) on x86 run per-row kernels,
+   about 4x the time of the Exp and sums. By default (`--softmax keep`) a `Softmax` stays: the
+   daemon's x86 kernel paths fuse it with both attention products (`AttnSoftmaxMix`,
+   src/model/f32fuse.rs), which they do not for the Exp(Clip) form: vit-base int8 on an AVX2
+   EPYC, 1 thread, 5.3 s per window kept against 7.1 s as Exp(Clip) (BENCHMARKS.md). A model
+   rewritten by `python -m mbt rewrite` (the shipped one) has no `Softmax` left for either.
    Exact for attention scores within +-80 (no max subtraction is needed: exp(80) x 133 keys
    stays finite, exp(-80) stays above zero); the largest |score| of the shipped model on the test
    split and on constant extreme inputs is 52. Scores beyond +-80 would saturate, never NaN.
@@ -257,6 +262,9 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--check", metavar="DATA/test", help="print top-1 agreement with the f32 model on this folder")
+    ap.add_argument("--softmax", choices=["keep", "exp"], default="keep",
+                    help="keep (default): leave attention's Softmax, which the daemon's x86 kernel paths fuse with "
+                         "both attention products; exp: rewrite it as Exp(Clip) (step 3 of the docstring)")
     args = ap.parse_args()
     import onnx
 
@@ -265,7 +273,7 @@ def main() -> int:
     md = read_metadata(args.model)
     m = onnx.load(args.model)
     gelu = rewrite_gelu(m)
-    softmax = exp_softmax(m)
+    softmax = exp_softmax(m) if args.softmax == "exp" else 0
     matmuls = quantize_weight_matmuls(m, calibration_feeds(md, args.data, args.windows))
     m.doc_string = (m.doc_string + "; " if m.doc_string else "") + (
         f"int8 (avsynth/quantize.py): weight matmuls x{matmuls} MatMulInteger u8 x s8 per channel, "

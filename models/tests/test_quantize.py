@@ -36,6 +36,25 @@ def test_synthetic_calibration_writes_the_fused_chain_form(tmp_path):
     assert np.isfinite(np.load(out.parent / "tiny-int8.parity" / "logits.npy")).all()
 
 
+@pytest.mark.parametrize("form", ["keep", "exp"])
+def test_softmax_is_kept_by_default_and_exp_clip_on_request(tmp_path, form):
+    """keep (the default): attention's Softmax stays for the daemon's fused attention; exp:
+    every attention Softmax becomes Exp(Clip) with the division after P.V."""
+    out = tmp_path / f"tiny-int8-{form}.onnx"
+    args = [] if form == "keep" else ["--softmax", "exp"]
+    done = subprocess.run([sys.executable, str(MODELS / "avsynth" / "quantize.py"), str(TINY), "synthetic", str(out),
+                           "--windows", "2", *args], capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout)
+    before = sum(n.op_type == "Softmax" for n in onnx.load(str(TINY)).graph.node)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert before > 0
+    if form == "keep":
+        assert report["softmax"] == 0 and ops.count("Softmax") == before and "Exp" not in ops
+    else:
+        assert report["softmax"] == before and "Softmax" not in ops and ops.count("Exp") == before
+    assert report["parity_max_abs_diff_vs_f32"] < 0.1
+
+
 def test_parity_fixture_is_the_exact_integer_result():
     """Regression: the fixture came from onnxruntime's u8 x s8 kernel, which on x86 CPUs
     without VNNI saturates pairs of products to int16 (0.16 off on mbt-tiny, against 0.009

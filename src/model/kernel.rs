@@ -1,9 +1,9 @@
 //! Which code path the fused ops run on, and how they split their work over the model's
 //! threads.
 //!
-//! [`Kernel`] names the paths: `scalar` (portable Rust), `avx2` (AVX2 + FMA intrinsics),
-//! `avx512` (AVX-512F intrinsics) and `amx` (the int8 weight matmuls on AMX tiles, the f32 ops
-//! on AVX-512). By default the model takes the best path this CPU has ([`Kernel::best`]); the
+//! [`Kernel`] names the paths: `scalar` (portable Rust), `avx2` (AVX2 + FMA intrinsics, and
+//! the int8 weight matmuls on `vpmaddwd`), `avx512` (AVX-512F intrinsics; int8 left to tract)
+//! and `amx` (the int8 weight matmuls on AMX tiles, the f32 ops on AVX-512). By default the model takes the best path this CPU has ([`Kernel::best`]); the
 //! environment variable `MBT_EDGE_KERNEL` (`scalar|avx2|avx512|amx`, or `tract` to leave the
 //! graph to tract's own kernels, or `auto`) forces one ([`Selection::from_env`]). A forced path
 //! the CPU lacks is refused with an error naming the missing feature, never executed. The fuse
