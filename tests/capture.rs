@@ -608,3 +608,51 @@ fn an_rtsp_camera_that_is_not_h264_keeps_running_and_its_clips_are_made_from_sti
     assert!((2.5..=3.5).contains(&seen.seconds), "clip {} s\n{}", seen.seconds, seen.clip);
     assert!((seen.peak - 660.0).abs() <= 10.0, "the clip's audio peaks at {} Hz", seen.peak);
 }
+
+/// `max_fps` on a camera of variable frame rate (RTSP VP8 comes as framerate 0/1): the
+/// model's branch gets at most that many frames a second, by their timestamps, in the
+/// cadence of the limit, and the source keeps running. (`videorate max-rate`, used for it before, aborts
+/// the whole process on such a stream in GStreamer 1.22.)
+#[test]
+fn max_fps_limits_a_variable_rate_camera_and_the_source_keeps_running() {
+    let _turn = rtsp_turn();
+    let mut media = rtsp_media(320, 240, "pcma", 8_000, 440.0);
+    media.video_codec = "vp8";
+    let server = common::RtspServer::start(media);
+    let mut source = rtsp_source(&server, None);
+    source.max_fps = Some(5);
+    let (sender, receiver) = bounded(256);
+    let options = CaptureOptions { format: format(), mode: SinkMode { sync: false }, lossless: false, evidence: None };
+    let handle = capture::spawn(0, source, options, sender, None).expect("spawn");
+    // Frames of the latest incarnation over 6 s after its first one.
+    let mut frames: Vec<(u64, std::time::Duration)> = Vec::new();
+    let mut first: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while first.is_none_or(|at| at.elapsed() < Duration::from_secs(6)) {
+        assert!(Instant::now() < deadline, "the camera never ran 6 s: {} frames", frames.len());
+        if let Some(CaptureEvent::Frame { generation, frame, .. }) = next(&receiver) {
+            if frames.last().is_some_and(|(g, _)| *g != generation) {
+                frames.clear();
+            }
+            first.get_or_insert_with(Instant::now);
+            frames.push((generation, frame.pts.as_duration()));
+        }
+    }
+    let restarts = handle.restarts();
+    handle.join();
+    assert_eq!(restarts, 0, "the source kept running");
+    let span = (frames.last().unwrap().1 - frames[0].1).as_secs_f64();
+    let rate = (frames.len() - 1) as f64 / span;
+    // The camera sends 15 a second.
+    assert!(span > 4.0 && (4.0..=5.5).contains(&rate), "{} frames in {span:.2} s: {rate:.2} a second", frames.len());
+    for pair in frames.windows(2) {
+        let gap = (pair[1].1 - pair[0].1).as_secs_f64();
+        // Never closer than half a period (the probe keeps the cadence of a late frame's
+        // slot), never a whole slot skipped (the camera sends three a slot).
+        assert!(
+            (0.1..=0.4).contains(&gap),
+            "frames {gap:.3} s apart: {:?}",
+            frames.iter().map(|f| f.1).collect::<Vec<_>>()
+        );
+    }
+}

@@ -52,6 +52,8 @@ pub fn h264_branch() -> String {
 }
 /// The queue in front of the stills' scaling and encoding, where their rate is limited.
 pub const STILL_QUEUE: &str = "evidence_stills";
+/// The queue in front of the model's video scaling, where `max_fps` limits the rate.
+pub const VIDEO_QUEUE: &str = "model_video";
 
 /// The full pipeline description for `source`.
 pub fn describe(
@@ -66,7 +68,7 @@ pub fn describe(
     // the other to JPEG stills at a size people can see, a few a second, never blocking the
     // model's side (a leaky queue of its own).
     let video_tail = video.map(|(width, height)| {
-        let tail = video_tail(width, height, source.max_fps, mode);
+        let tail = video_tail(width, height, mode);
         match evidence {
             Some(evidence) => format!("tee name=evt  evt. ! {tail}  evt. ! {}", jpeg_tail(evidence)),
             None => tail,
@@ -151,10 +153,12 @@ pub fn describe(
     branches.join("  ")
 }
 
-fn video_tail(width: u32, height: u32, max_fps: Option<u32>, mode: SinkMode) -> String {
-    let rate = max_fps.map(|fps| format!("videorate drop-only=true max-rate={fps} ! ")).unwrap_or_default();
+/// The model's frames. At most `max_fps` a second pass the queue: the same pad probe as the
+/// stills' (`capture::limit_rate`), set where the pipeline is built, since `videorate max-rate`
+/// aborts on a stream of variable frame rate (see [`jpeg_tail`]).
+fn video_tail(width: u32, height: u32, mode: SinkMode) -> String {
     format!(
-        "queue max-size-buffers=4 max-size-bytes=0 max-size-time=0 ! {rate}videoscale ! videoconvert ! \
+        "queue name={VIDEO_QUEUE} max-size-buffers=4 max-size-bytes=0 max-size-time=0 ! videoscale ! videoconvert ! \
          video/x-raw,format=RGB,width={width},height={height} ! \
          appsink name={VIDEO_SINK} sync={} max-buffers=4 drop=false enable-last-sample=false",
         mode.sync

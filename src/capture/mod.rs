@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 pub use clip::{ClipAudio, ClipMedia, ClipVideo, write_clip};
 pub use describe::{
     AUDIO_SINK, CaptureFormat, EvidenceFormat, H264_QUEUE, H264_SINK, JPEG_SINK, RTP_TEE, STILL_QUEUE, SinkMode,
-    VIDEO_SINK, describe, h264_branch,
+    VIDEO_QUEUE, VIDEO_SINK, describe, h264_branch,
 };
 
 use crate::config::SourceSettings;
@@ -313,6 +313,12 @@ impl Supervisor {
         if video && let Err(err) = attach(&pipeline, VIDEO_SINK, Modality::Video, shared.clone()) {
             return Outcome::Failed(err.to_string());
         }
+        if video
+            && let Some(fps) = self.source.max_fps
+            && let Err(err) = limit_rate(&pipeline, VIDEO_QUEUE, fps)
+        {
+            return Outcome::Failed(err.to_string());
+        }
         if audio && let Err(err) = attach(&pipeline, AUDIO_SINK, Modality::Audio, shared.clone()) {
             return Outcome::Failed(err.to_string());
         }
@@ -322,7 +328,7 @@ impl Supervisor {
             if video && let Err(err) = attach_evidence(&pipeline, JPEG_SINK, shared.clone()) {
                 return Outcome::Failed(err.to_string());
             }
-            if video && let Err(err) = limit_rate(&pipeline, evidence.fps) {
+            if video && let Err(err) = limit_rate(&pipeline, STILL_QUEUE, evidence.fps) {
                 return Outcome::Failed(err.to_string());
             }
             if video
@@ -654,11 +660,12 @@ fn on_sample(sink: &gst_app::AppSink, sample: &gst::Sample, modality: Modality, 
     Ok(())
 }
 
-/// Lets at most `fps` frames a second into the stills' queue, by their timestamps: the rest
-/// are dropped before anything scales or encodes them.
-fn limit_rate(pipeline: &gst::Pipeline, fps: u32) -> anyhow::Result<()> {
-    let queue = pipeline.by_name(STILL_QUEUE).ok_or_else(|| anyhow!("the pipeline has no element {STILL_QUEUE:?}"))?;
-    let pad = queue.static_pad("sink").ok_or_else(|| anyhow!("{STILL_QUEUE} has no sink pad"))?;
+/// Lets at most `fps` frames a second into the queue `name` (the stills', or the model's with
+/// `max_fps`), by their timestamps: the rest are dropped before anything scales or encodes
+/// them.
+fn limit_rate(pipeline: &gst::Pipeline, name: &str, fps: u32) -> anyhow::Result<()> {
+    let queue = pipeline.by_name(name).ok_or_else(|| anyhow!("the pipeline has no element {name:?}"))?;
+    let pad = queue.static_pad("sink").ok_or_else(|| anyhow!("{name} has no sink pad"))?;
     let period = 1_000_000_000 / u64::from(fps.max(1));
     // The next timestamp (ns) a still may have; 0 lets the first one in.
     let next = AtomicU64::new(0);
