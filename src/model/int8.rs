@@ -203,7 +203,9 @@ impl EvalOp for Int8Linear {
             if rows > 0 {
                 #[cfg(target_arch = "x86_64")]
                 if self.path == Int8Path::Avx2 && avx2_available() {
-                    self.run_pairs(x, rows, &mut slices);
+                    // SAFETY: `avx2_available` confirmed AVX2; the matcher built this op for
+                    // the AVX2 path (weights packed as pairs, each N a multiple of 16).
+                    unsafe { self.run_pairs(x, rows, &mut slices) };
                     return Ok(outputs.into_iter().map(|t| t.into_tvalue()).collect());
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -337,10 +339,13 @@ impl Int8Linear {
 #[cfg(target_arch = "x86_64")]
 impl Int8Linear {
     /// [`Int8Path::Avx2`]: the rows split over the model's threads, each part quantising its
-    /// own rows. Needs AVX2 (checked by the caller) and weights packed for this path.
-    fn run_pairs(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+    /// own rows.
+    ///
+    /// # Safety
+    /// AVX2 present; `self` built by the matcher for [`Int8Path::Avx2`] (see [`Self::pairs_rows`]).
+    unsafe fn run_pairs(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
         let w = &*self.weights;
-        let per = super::kernel::rows_per_part(rows, rows * w.k * w.n);
+        let per = super::kernel::rows_per_part(rows, rows * w.k * w.n).max(1);
         let mut parts: Vec<(usize, Vec<&mut [f32]>)> = (0..rows.div_ceil(per)).map(|ix| (ix * per, vec![])).collect();
         for (out, &n) in outputs.iter_mut().zip(&self.outputs) {
             for (part, chunk) in parts.iter_mut().zip(out.chunks_mut(per * n)) {
@@ -349,7 +354,8 @@ impl Int8Linear {
         }
         super::kernel::run_parts(parts, |(first, mut outs)| {
             let here = per.min(rows - first);
-            // SAFETY: AVX2 per this function's contract; `pairs_rows` checks the lengths.
+            // SAFETY: AVX2 and the matcher's shapes per this function's contract;
+            // `pairs_rows` checks the lengths.
             unsafe { self.pairs_rows(&x[first * w.k..][..here * w.k], here, &mut outs) }
         });
     }

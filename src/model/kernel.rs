@@ -3,9 +3,10 @@
 //!
 //! [`Kernel`] names the paths: `scalar` (portable Rust), `avx2` (AVX2 + FMA intrinsics, and
 //! the int8 weight matmuls on `vpmaddwd`), `avx512` (AVX-512F intrinsics; int8 left to tract)
-//! and `amx` (the int8 weight matmuls on AMX tiles, the f32 ops on AVX-512). By default the model takes the best path this CPU has ([`Kernel::best`]); the
-//! environment variable `MBT_EDGE_KERNEL` (`scalar|avx2|avx512|amx`, or `tract` to leave the
-//! graph to tract's own kernels, or `auto`) forces one ([`Selection::from_env`]). A forced path
+//! and `amx` (the int8 weight matmuls on AMX tiles, the f32 ops on AVX-512). By default the
+//! model takes the best path this CPU has ([`Kernel::best`]); the environment variable
+//! `MBT_EDGE_KERNEL` (`scalar|avx2|avx512|amx`, or `tract` to leave the graph to tract's own
+//! kernels, or `auto`) forces one ([`Selection::from_env`]). A forced path
 //! the CPU lacks is refused with an error naming the missing feature, never executed. The fuse
 //! functions take the path as a parameter, so tests force each path side by side without
 //! touching the process environment.
