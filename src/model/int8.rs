@@ -805,7 +805,7 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, path: Int8Path) -> Opti
         return None;
     }
     let k = x_fact.shape[2].to_usize().ok()?;
-    if amx && !amx_takes_k(k) {
+    if (amx && !amx_takes_k(k)) || (path == Int8Path::Avx2 && k == 0) {
         return None;
     }
     let mut sets: Vec<(Option<Slice>, Vec<Chain>)> = vec![(None, vec![])];
@@ -832,7 +832,7 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, path: Int8Path) -> Opti
         }
         let whole = |n: usize| match path {
             Int8Path::Amx => n.is_multiple_of(N_BLOCK),
-            Int8Path::Avx2 => n.is_multiple_of(PAIR_PANEL),
+            Int8Path::Avx2 => n > 0 && n.is_multiple_of(PAIR_PANEL),
             Int8Path::Portable => true,
         };
         if chains.iter().any(|c| c.1 != chains[0].1 || !whole(c.2.len())) {
