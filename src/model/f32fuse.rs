@@ -723,18 +723,34 @@ fn scores(kernel: Kernel, q: &[f32], k: &[f32], q_shape: &[usize], n: usize, s: 
             buf.resize(n.div_ceil(pw) * d * pw, 0.0);
             for (ix, sh) in s.chunks_exact_mut(m * n).enumerate() {
                 let (a, h) = ((first + ix) / heads, (first + ix) % heads);
-                // K^T of this head in panels of `pw` columns (j), zero past n.
-                for j in 0..n {
-                    let (p, c) = (j / pw, j % pw);
-                    for kk in 0..d {
-                        buf[(p * d + kk) * pw + c] = k[(a * n + j) * row + h * d + kk];
-                    }
-                }
+                pack_transposed(buf, &k[a * n * row + h * d..], row, n, d, pw);
                 let qh = &q[a * m * row + h * d..];
                 product(kernel, qh, row, m, d, buf, sh, n, n);
             }
         })
     })
+}
+
+/// One head of K (`n` rows of `d` values at row stride `stride`, from `k[0]`) transposed into
+/// panels of `pw` columns (one per row of K), `d` rows each; `buf` holds every panel and stays
+/// zero past `n`.
+fn pack_transposed(buf: &mut [f32], k: &[f32], stride: usize, n: usize, d: usize, pw: usize) {
+    for j in 0..n {
+        let (p, c) = (j / pw, j % pw);
+        for kk in 0..d {
+            buf[(p * d + kk) * pw + c] = k[j * stride + kk];
+        }
+    }
+}
+
+/// One head of V (`n` rows of `d` values at row stride `stride`, from `v[0]`) in panels of
+/// `pw` columns, `n` rows each; `buf` holds every panel and stays zero past `d`.
+fn pack_rows(buf: &mut [f32], v: &[f32], stride: usize, n: usize, d: usize, pw: usize) {
+    for j in 0..n {
+        for c in 0..d {
+            buf[((c / pw) * n + j) * pw + c % pw] = v[j * stride + c];
+        }
+    }
 }
 
 /// `O[a][i][h][c] = sum_j P[a][h][i][j] V[a][j][h][c]`; `p_shape` = `[a, h, m, k]`, V rows
@@ -756,11 +772,7 @@ fn mix(kernel: Kernel, p: &[f32], v: &[f32], p_shape: &[usize], d: usize, o: &mu
                 // This chunk's rows of batch entry `a`: tokens i0..i1.
                 let (i0, i1) = (start.max(a * m) - a * m, end.min((a + 1) * m) - a * m);
                 for h in 0..heads {
-                    for j in 0..k {
-                        for c in 0..d {
-                            buf[((c / pw) * k + j) * pw + c % pw] = v[(a * k + j) * row + h * d + c];
-                        }
-                    }
+                    pack_rows(buf, &v[a * k * row + h * d..], row, k, d, pw);
                     let ph = &p[((a * heads + h) * m + i0) * k..][..(i1 - i0) * k];
                     let oh = &mut o[(a * m + i0 - start) * row + h * d..];
                     product(kernel, ph, k, i1 - i0, k, buf, oh, row, d);
@@ -911,15 +923,8 @@ fn attention(kernel: Kernel, [q, k, v]: [&[f32]; 3], q_shape: &[usize], n: usize
             for a in start / m..end.div_ceil(m) {
                 let (i0, i1) = (start.max(a * m) - a * m, end.min((a + 1) * m) - a * m);
                 for h in 0..heads {
-                    for j in 0..n {
-                        let (p, c) = (j / pw, j % pw);
-                        for kk in 0..d {
-                            k_panels[(p * d + kk) * pw + c] = k[(a * n + j) * q_row + h * d + kk];
-                        }
-                        for c in 0..dv {
-                            v_panels[((c / pw) * n + j) * pw + c % pw] = v[(a * n + j) * v_row + h * dv + c];
-                        }
-                    }
+                    pack_transposed(k_panels, &k[a * n * q_row + h * d..], q_row, n, d, pw);
+                    pack_rows(v_panels, &v[a * n * v_row + h * dv..], v_row, n, dv, pw);
                     for r0 in (i0..i1).step_by(ATTENTION_ROWS) {
                         let rows = (i1 - r0).min(ATTENTION_ROWS);
                         let s = &mut s[..rows * n];
