@@ -1,4 +1,5 @@
-//! One fused op for the int8 weight matmuls of `avsynth/quantize.py`'s models, on Intel AMX.
+//! One fused op for the int8 weight matmuls of `avsynth/quantize.py`'s models: on Intel AMX,
+//! VNNI (512 or 256 bits) or AVX2.
 //!
 //! tract runs each quantised matmul of such a model as about ten ops: the activation quantiser
 //! (`Mul`, `Add`, `Max`, `Min`, `Cast` to u8), the int8 einsum (its AMX kernel calls
@@ -11,11 +12,20 @@
 //! bias). The arithmetic is tract's: the same u8 values, exact i32 sums, then the `Mul` and
 //! the `Add` as two f32 roundings, so the outputs are bit-identical (unit tests below).
 //!
-//! On CPUs without AMX but with AVX2 (AMD Zen, Intel N100-class and desktop parts) the same op
-//! runs [`Int8Path::Avx2`]: the u8 activations widened to i16 pairs, the weights packed once at
-//! load as i16 pairs in panels of 16 channels, and `vpmaddwd` (two u8 x s8 products summed
-//! into an i32 lane, exact: at most 2 x 255 x 128) with `vpaddd`, a 6-row x 16-channel
-//! micro-kernel, the rows split over the model's threads. Exact i32 sums and the same two
+//! On CPUs without AMX but with VNNI the same op runs `vpdpbusd`, which sums four u8 x s8
+//! products into an i32 lane without saturating (exact): [`Int8Path::Vnni512`] (AVX-512 VNNI:
+//! Ice Lake and later Xeons, AMD Zen 4) on zmm with a 12-row x 32-channel micro-kernel, and
+//! [`Int8Path::Vnni256`] (AVX-VNNI: Alder Lake and later, N100-class) on ymm, 6 rows x 16
+//! channels. The u8 rows are quantised as for AMX (k padded to a multiple of 4 with zeros,
+//! which meet zero weights), the weights packed once at load as quads of k in panels of 16
+//! channels (one zmm, two ymm), the rows split over the model's threads; exact i32 sums and
+//! the same two roundings, so bit-identical to tract.
+//!
+//! On CPUs with neither (AMD Zen 2/3, older Intel) the same op runs [`Int8Path::Avx2`]: the
+//! u8 activations widened to i16 pairs, the weights packed once at load as i16 pairs in
+//! panels of 16 channels, and `vpmaddwd` (two u8 x s8 products summed into an i32 lane,
+//! exact: at most 2 x 255 x 128) with `vpaddd`, a 6-row x 16-channel micro-kernel, the rows
+//! split over the model's threads. Exact i32 sums and the same two
 //! roundings, so bit-identical to tract too. (`vpmaddubsw` would take u8 x s8 directly, but
 //! sums each pair in saturating i16: 2 x 255 x 127 overflows it, and onnxruntime's outputs on
 //! such CPUs then depend on the weights' luck.)
@@ -36,10 +46,70 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 pub enum Int8Path {
     /// `tdpbusd` tiles: needs [`available`].
     Amx,
+    /// `vpdpbusd` on zmm registers (AVX-512 VNNI): needs [`vnni512_available`].
+    Vnni512,
+    /// `vpdpbusd` on ymm registers (AVX-VNNI: Alder Lake and later, N100-class): needs
+    /// [`vnni256_available`].
+    Vnni256,
     /// `vpmaddwd` on i16 pairs: needs AVX2 ([`avx2_available`]).
     Avx2,
     /// Plain Rust (tests; slower than tract's own kernels, so the runtime never picks it).
     Portable,
+}
+
+impl Int8Path {
+    /// Every path, fastest first.
+    pub const ALL: [Int8Path; 5] =
+        [Int8Path::Amx, Int8Path::Vnni512, Int8Path::Vnni256, Int8Path::Avx2, Int8Path::Portable];
+
+    /// The int8 path that goes with the f32 ops' `kernel`: AMX with `amx`; on `avx512`
+    /// VNNI-512, else (Skylake-SP-class) the AVX2 pairs; on `avx2` AVX-VNNI, else the pairs;
+    /// none with `scalar` (tract's own kernels then).
+    pub fn for_kernel(kernel: super::kernel::Kernel) -> Option<Int8Path> {
+        use super::kernel::Kernel;
+        let first = |paths: &[Int8Path]| paths.iter().copied().find(|p| p.supported());
+        match kernel {
+            Kernel::Amx => first(&[Int8Path::Amx]),
+            Kernel::Avx512 => first(&[Int8Path::Vnni512, Int8Path::Avx2]),
+            Kernel::Avx2 => first(&[Int8Path::Vnni256, Int8Path::Avx2]),
+            Kernel::Scalar => None,
+        }
+    }
+
+    /// Whether this CPU runs the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Int8Path::Amx => available(),
+            Int8Path::Vnni512 => vnni512_available(),
+            Int8Path::Vnni256 => vnni256_available(),
+            Int8Path::Avx2 => avx2_available(),
+            Int8Path::Portable => true,
+        }
+    }
+}
+
+/// Whether this machine has AVX-512F with AVX-512 VNNI, for [`Int8Path::Vnni512`].
+pub fn vnni512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this machine has AVX2 with AVX-VNNI, for [`Int8Path::Vnni256`].
+pub fn vnni256_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether this machine has AVX2, for [`Int8Path::Avx2`].
@@ -58,6 +128,12 @@ pub fn avx2_available() -> bool {
 const PAIR_PANEL: usize = 16;
 /// Rows per micro-kernel call of [`Int8Path::Avx2`]: 6 rows x 2 registers = 12 accumulators.
 const PAIR_MR: usize = 6;
+/// Channels per panel of the VNNI paths' packed weights: one zmm (two ymm) of i32 sums.
+const QUAD_PANEL: usize = 16;
+/// Rows per micro-kernel call of [`Int8Path::Vnni512`] (12 rows x 2 panels = 24 zmm
+/// accumulators) and of [`Int8Path::Vnni256`] (6 rows x 2 ymm = 12 of its 16 registers).
+const QUAD_MR_512: usize = 12;
+const QUAD_MR_256: usize = 6;
 
 /// Whether this machine runs [`Int8Linear`] on AMX (x86_64 with AMX-INT8, tile state granted).
 pub fn available() -> bool {
@@ -92,6 +168,11 @@ struct Weights {
     /// w[2p+1][c])`, 64 bytes.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pairs: Vec<i16>,
+    /// The VNNI paths' weights (else empty): per panel of [`QUAD_PANEL`] channels, per quad
+    /// of k (`k` rounded up to a multiple of 4, zero past it), 16 channels x 4 s8 `w[4q..4q+4][c]`,
+    /// 64 bytes (one zmm, or two ymm of 8 channels each).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    quads: Vec<i8>,
     /// Zero point of the input times the column sums of the weights.
     zp_colsum: Vec<i32>,
     scale: Vec<f32>,
@@ -128,9 +209,20 @@ impl Weights {
                 }
             }
         }
+        let vnni = matches!(path, Int8Path::Vnni512 | Int8Path::Vnni256);
+        let k_quads = k.div_ceil(4);
+        let mut quads = vec![0i8; if vnni { n.div_ceil(QUAD_PANEL) * k_quads * QUAD_PANEL * 4 } else { 0 }];
+        if vnni {
+            for col in 0..n {
+                let (p, c) = (col / QUAD_PANEL, col % QUAD_PANEL);
+                for kk in 0..k {
+                    quads[((p * k_quads + kk / 4) * QUAD_PANEL + c) * 4 + kk % 4] = plain[kk * n + col];
+                }
+            }
+        }
         let zp_colsum =
             (0..n).map(|col| (0..k).map(|kk| plain[kk * n + col] as i32).sum::<i32>() * zp as i32).collect();
-        Weights { k, n, plain, packed, pairs, zp_colsum, scale, bias }
+        Weights { k, n, plain, packed, pairs, quads, zp_colsum, scale, bias }
     }
 }
 
@@ -201,6 +293,14 @@ impl EvalOp for Int8Linear {
             let mut slices: Vec<&mut [f32]> =
                 views.iter_mut().map(|v| v.as_slice_mut::<f32>()).collect::<TractResult<_>>()?;
             if rows > 0 {
+                #[cfg(target_arch = "x86_64")]
+                if matches!(self.path, Int8Path::Vnni512 | Int8Path::Vnni256) && self.path.supported() {
+                    // SAFETY: `supported` confirmed the path's VNNI (and AVX-512F or AVX2 with
+                    // it); the matcher built this op for it (weights packed as quads, each N a
+                    // multiple of 16).
+                    unsafe { self.run_quads(x, rows, &mut slices) };
+                    return Ok(outputs.into_iter().map(|t| t.into_tvalue()).collect());
+                }
                 #[cfg(target_arch = "x86_64")]
                 if self.path == Int8Path::Avx2 && avx2_available() {
                     // SAFETY: `avx2_available` confirmed AVX2; the matcher built this op for
@@ -338,12 +438,15 @@ impl Int8Linear {
 
 #[cfg(target_arch = "x86_64")]
 impl Int8Linear {
-    /// [`Int8Path::Avx2`]: the rows split over the model's threads, each part quantising its
-    /// own rows.
-    ///
-    /// # Safety
-    /// AVX2 present; `self` built by the matcher for [`Int8Path::Avx2`] (see [`Self::pairs_rows`]).
-    unsafe fn run_pairs(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+    /// `f(x, rows, outputs)` on the rows split over the model's threads (`x` and each output
+    /// cut to the part's rows), each part quantising its own rows.
+    fn split(
+        &self,
+        x: &[f32],
+        rows: usize,
+        outputs: &mut [&mut [f32]],
+        f: impl Fn(&[f32], usize, &mut [&mut [f32]]) + Sync,
+    ) {
         let w = &*self.weights;
         let per = super::kernel::rows_per_part(rows, rows * w.k * w.n).max(1);
         let mut parts: Vec<(usize, Vec<&mut [f32]>)> = (0..rows.div_ceil(per)).map(|ix| (ix * per, vec![])).collect();
@@ -354,10 +457,94 @@ impl Int8Linear {
         }
         super::kernel::run_parts(parts, |(first, mut outs)| {
             let here = per.min(rows - first);
-            // SAFETY: AVX2 and the matcher's shapes per this function's contract;
-            // `pairs_rows` checks the lengths.
-            unsafe { self.pairs_rows(&x[first * w.k..][..here * w.k], here, &mut outs) }
+            f(&x[first * w.k..][..here * w.k], here, &mut outs)
         });
+    }
+
+    /// [`Int8Path::Avx2`] over the model's threads.
+    ///
+    /// # Safety
+    /// AVX2 present; `self` built by the matcher for [`Int8Path::Avx2`] (see [`Self::pairs_rows`]).
+    unsafe fn run_pairs(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+        // SAFETY: AVX2 and the matcher's shapes per this function's contract; `pairs_rows`
+        // checks the lengths.
+        self.split(x, rows, outputs, |x, rows, outs| unsafe { self.pairs_rows(x, rows, outs) });
+    }
+
+    /// [`Int8Path::Vnni512`] or [`Int8Path::Vnni256`] (`self.path`) over the model's threads.
+    ///
+    /// # Safety
+    /// The path's CPU features present ([`Int8Path::supported`]); `self` built by the matcher
+    /// for it (see [`Self::quads_rows`]).
+    unsafe fn run_quads(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+        // SAFETY: the path's features and the matcher's shapes per this function's contract;
+        // `quads_rows` checks the lengths.
+        self.split(x, rows, outputs, |x, rows, outs| unsafe { self.quads_rows(x, rows, outs) });
+    }
+
+    /// `rows` rows of `x` into `outputs` on a VNNI path: the rows quantised to u8 (`k` padded
+    /// to a multiple of 4 with zeros, which meet zero weights), then for each block of rows
+    /// (their bytes stay in L2 while every panel of weights passes over them) and each panel
+    /// pair (or the last single panel), micro-kernels of up to 12 (512) or 6 (256) rows.
+    ///
+    /// # Safety
+    /// The path's CPU features present; the weights packed as quads; every output's N a
+    /// multiple of [`QUAD_PANEL`] (the matcher).
+    unsafe fn quads_rows(&self, x: &[f32], rows: usize, outputs: &mut [&mut [f32]]) {
+        let w = &*self.weights;
+        let (k, k_quads) = (w.k, w.k.div_ceil(4));
+        let stride = k_quads * 4;
+        let wide = self.path == Int8Path::Vnni512;
+        assert!(x.len() == rows * k && w.quads.len() == w.n.div_ceil(QUAD_PANEL) * k_quads * QUAD_PANEL * 4);
+        for (out, &n) in outputs.iter().zip(&self.outputs) {
+            assert!(n.is_multiple_of(QUAD_PANEL) && out.len() == rows * n);
+        }
+        let mr = if wide { QUAD_MR_512 } else { QUAD_MR_256 };
+        let block = ((256 << 10) / stride / mr * mr).clamp(mr, 8 * mr);
+        let panel_bytes = k_quads * QUAD_PANEL * 4;
+        QUANTISED.with_borrow_mut(|q| {
+            q.clear();
+            q.resize(rows * stride, 0);
+            for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(stride)) {
+                // SAFETY: the path's features per this function's contract (AVX-512F with
+                // VNNI-512, AVX2 with AVX-VNNI); `q` is at least as long as `x`.
+                unsafe { if wide { self.quantize_avx512(x, q) } else { self.quantize_u8_avx2(x, q) } }
+            }
+            for r0 in (0..rows).step_by(block) {
+                let mc = (rows - r0).min(block);
+                let mut col0 = 0;
+                for (out, &n) in outputs.iter_mut().zip(&self.outputs) {
+                    let mut local = 0;
+                    while local < n {
+                        let col = col0 + local;
+                        let panels = if wide && n - local >= 2 * QUAD_PANEL { 2 } else { 1 };
+                        let wp = w.quads[(col / QUAD_PANEL) * panel_bytes..].as_ptr();
+                        let e = Epilogue { zp: &w.zp_colsum[col..], scale: &w.scale[col..], bias: &w.bias[col..] };
+                        let mut r = r0;
+                        while r < r0 + mc {
+                            let count = (r0 + mc - r).min(mr);
+                            let a = q[r * stride..].as_ptr();
+                            let y = out[r * n + local..].as_mut_ptr();
+                            // SAFETY: rows r..r + count of `q` (stride `stride`, k_quads quads
+                            // each) and of the output (16 x `panels` columns from `local`,
+                            // stride n, in bounds: n - local >= 16 x panels); `panels` panels
+                            // of k_quads x 64 bytes from `wp`; `e` holds 16 x `panels` values
+                            // each; the path's features per this function's contract.
+                            unsafe {
+                                if wide {
+                                    quads_512(count, panels, a, stride, k_quads, wp, panel_bytes, &e, y, n)
+                                } else {
+                                    quads_256(count, a, stride, k_quads, wp, &e, y, n)
+                                }
+                            }
+                            r += count;
+                        }
+                        local += panels * QUAD_PANEL;
+                    }
+                    col0 += n;
+                }
+            }
+        })
     }
 
     /// `rows` rows of `x` into `outputs` (each `rows` rows of its N).
@@ -454,6 +641,41 @@ impl Int8Linear {
         }
         q[x.len()..].iter_mut().for_each(|q| *q = 0);
     }
+
+    /// [`Int8Linear::quantize`] over `x` into `q` as u8, 16 lanes at a time.
+    ///
+    /// # Safety
+    /// AVX2 present; `q` at least as long as `x`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_u8_avx2(&self, x: &[f32], q: &mut [u8]) {
+        use std::arch::x86_64::*;
+        assert!(q.len() >= x.len());
+        let (inv, off, lo, hi) = (
+            _mm256_set1_ps(self.inv_scale),
+            _mm256_set1_ps(self.offset),
+            _mm256_set1_ps(self.lo),
+            _mm256_set1_ps(self.hi),
+        );
+        let whole = x.len() / 16 * 16;
+        for (x, q) in x[..whole].chunks_exact(16).zip(q[..whole].chunks_exact_mut(16)) {
+            // SAFETY: chunks of exactly 16 values: 64 bytes read, 16 written.
+            unsafe {
+                // As `quantize_avx2`: NaN gives the bound; Mul then Add, two roundings.
+                let clip = |v: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), off), lo), hi);
+                let a = _mm256_cvttps_epi32(clip(_mm256_loadu_ps(x.as_ptr())));
+                let b = _mm256_cvttps_epi32(clip(_mm256_loadu_ps(x.as_ptr().add(8))));
+                // Per 128-bit lane: words a0-3 b0-3 | a4-7 b4-7, then those as bytes (twice
+                // per lane): dwords a0-3 b0-3 a0-3 b0-3 | a4-7 b4-7 ..., put back in order.
+                let words = _mm256_packus_epi32(a, b);
+                let bytes = _mm256_packus_epi16(words, words);
+                let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+                _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(ordered));
+            }
+        }
+        for (q, &x) in q[whole..].iter_mut().zip(&x[whole..]) {
+            *q = self.quantize(x);
+        }
+    }
 }
 
 /// The per-channel terms of 16 output columns: `(acc - zp) * scale + bias`.
@@ -497,6 +719,165 @@ unsafe fn pairs_kernel<const R: usize>(
                 let v = _mm256_set1_epi32(pair);
                 acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(v, w0));
                 acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(v, w1));
+            }
+        }
+        for half in 0..2 {
+            let zp = _mm256_loadu_si256(e.zp[half * 8..].as_ptr() as *const __m256i);
+            let scale = _mm256_loadu_ps(e.scale[half * 8..].as_ptr());
+            let bias = _mm256_loadu_ps(e.bias[half * 8..].as_ptr());
+            for (r, acc) in acc.iter().enumerate() {
+                let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[half], zp));
+                _mm256_storeu_ps(y.add(r * ys + half * 8), _mm256_add_ps(_mm256_mul_ps(v, scale), bias));
+            }
+        }
+    }
+}
+
+/// `count` (1..=12) rows x `P` (1 or 2) panels of 16 channels on AVX-512 VNNI: `a` the rows'
+/// u8 activations (stride `sa`, `k_quads` quads), `w` the first panel of [`Weights::quads`]
+/// (the next `ws` bytes on); the i32 sums through `e` into `y` (row stride `ys`).
+///
+/// # Safety
+/// AVX-512F and AVX-512 VNNI present; `a` readable for `count` rows of `4 * k_quads` bytes at
+/// stride `sa`; `w` for `panels` panels of `k_quads * 64` bytes `ws` apart; `e`'s slices at
+/// least `16 * panels` long; `y` writable for `count` rows of `16 * panels` f32 at stride `ys`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn quads_512(
+    count: usize,
+    panels: usize,
+    a: *const u8,
+    sa: usize,
+    k_quads: usize,
+    w: *const i8,
+    ws: usize,
+    e: &Epilogue,
+    y: *mut f32,
+    ys: usize,
+) {
+    macro_rules! go {
+        ($($r:literal)*) => {
+            match (count, panels) {
+                $(($r, 2) => quads_kernel_512::<$r, 2>(a, sa, k_quads, w, ws, e, y, ys),)*
+                $(($r, _) => quads_kernel_512::<$r, 1>(a, sa, k_quads, w, ws, e, y, ys),)*
+                _ => unreachable!("{count} rows"),
+            }
+        };
+    }
+    // SAFETY: the contract above, for the kernel of these rows and panels.
+    unsafe { go!(1 2 3 4 5 6 7 8 9 10 11 12) }
+}
+
+/// [`quads_512`] for `R` rows and `P` panels.
+///
+/// # Safety
+/// As [`quads_512`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn quads_kernel_512<const R: usize, const P: usize>(
+    a: *const u8,
+    sa: usize,
+    k_quads: usize,
+    w: *const i8,
+    ws: usize,
+    e: &Epilogue,
+    y: *mut f32,
+    ys: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(e.zp.len() >= 16 * P && e.scale.len() >= 16 * P && e.bias.len() >= 16 * P);
+    // SAFETY: the contract above covers every offset: rows `r < R`, quads `q < k_quads`, 64
+    // bytes per quad of each of the `P` panels, 16 x P columns of y.
+    unsafe {
+        let mut acc = [[_mm512_setzero_si512(); P]; R];
+        for q in 0..k_quads {
+            let mut wv = [_mm512_setzero_si512(); P];
+            for (j, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_si512(w.add(j * ws + q * 64) as *const _);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let quad = _mm512_set1_epi32((a.add(r * sa + 4 * q) as *const i32).read_unaligned());
+                for (acc, wv) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_dpbusd_epi32(*acc, quad, *wv);
+                }
+            }
+        }
+        for j in 0..P {
+            let zp = _mm512_loadu_si512(e.zp[j * 16..].as_ptr() as *const _);
+            let scale = _mm512_loadu_ps(e.scale[j * 16..].as_ptr());
+            let bias = _mm512_loadu_ps(e.bias[j * 16..].as_ptr());
+            for (r, acc) in acc.iter().enumerate() {
+                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], zp));
+                _mm512_storeu_ps(y.add(r * ys + j * 16), _mm512_add_ps(_mm512_mul_ps(v, scale), bias));
+            }
+        }
+    }
+}
+
+/// `count` (1..=6) rows x 16 channels on AVX-VNNI (ymm): as [`quads_512`] with one panel.
+///
+/// # Safety
+/// AVX2 and AVX-VNNI present; `a` readable for `count` rows of `4 * k_quads` bytes at stride
+/// `sa`; `w` for `k_quads * 64` bytes; `e`'s slices at least 16 long; `y` writable for `count`
+/// rows of 16 f32 at stride `ys`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avxvnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn quads_256(
+    count: usize,
+    a: *const u8,
+    sa: usize,
+    k_quads: usize,
+    w: *const i8,
+    e: &Epilogue,
+    y: *mut f32,
+    ys: usize,
+) {
+    // SAFETY: the contract above, for the kernel of these rows.
+    unsafe {
+        match count {
+            6 => quads_kernel_256::<6>(a, sa, k_quads, w, e, y, ys),
+            5 => quads_kernel_256::<5>(a, sa, k_quads, w, e, y, ys),
+            4 => quads_kernel_256::<4>(a, sa, k_quads, w, e, y, ys),
+            3 => quads_kernel_256::<3>(a, sa, k_quads, w, e, y, ys),
+            2 => quads_kernel_256::<2>(a, sa, k_quads, w, e, y, ys),
+            _ => quads_kernel_256::<1>(a, sa, k_quads, w, e, y, ys),
+        }
+    }
+}
+
+/// [`quads_256`] for `R` rows.
+///
+/// # Safety
+/// As [`quads_256`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn quads_kernel_256<const R: usize>(
+    a: *const u8,
+    sa: usize,
+    k_quads: usize,
+    w: *const i8,
+    e: &Epilogue,
+    y: *mut f32,
+    ys: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(e.zp.len() >= 16 && e.scale.len() >= 16 && e.bias.len() >= 16);
+    // SAFETY: the contract above covers every offset: rows `r < R`, quads `q < k_quads`, the
+    // panel's 64 bytes per quad, 16 columns of y.
+    unsafe {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for q in 0..k_quads {
+            let w0 = _mm256_loadu_si256(w.add(q * 64) as *const __m256i);
+            let w1 = _mm256_loadu_si256(w.add(q * 64 + 32) as *const __m256i);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let quad = _mm256_set1_epi32((a.add(r * sa + 4 * q) as *const i32).read_unaligned());
+                acc[0] = _mm256_dpbusd_avx_epi32(acc[0], quad, w0);
+                acc[1] = _mm256_dpbusd_avx_epi32(acc[1], quad, w1);
             }
         }
         for half in 0..2 {
@@ -805,7 +1186,7 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, path: Int8Path) -> Opti
         return None;
     }
     let k = x_fact.shape[2].to_usize().ok()?;
-    if (amx && !amx_takes_k(k)) || (path == Int8Path::Avx2 && k == 0) {
+    if (amx && !amx_takes_k(k)) || (path != Int8Path::Portable && k == 0) {
         return None;
     }
     let mut sets: Vec<(Option<Slice>, Vec<Chain>)> = vec![(None, vec![])];
@@ -833,6 +1214,7 @@ fn match_groups(model: &TypedModel, cast_u8: &TypedNode, path: Int8Path) -> Opti
         let whole = |n: usize| match path {
             Int8Path::Amx => n.is_multiple_of(N_BLOCK),
             Int8Path::Avx2 => n > 0 && n.is_multiple_of(PAIR_PANEL),
+            Int8Path::Vnni512 | Int8Path::Vnni256 => n > 0 && n.is_multiple_of(QUAD_PANEL),
             Int8Path::Portable => true,
         };
         if chains.iter().any(|c| c.1 != chains[0].1 || !whole(c.2.len())) {
@@ -1004,8 +1386,8 @@ mod tests {
     type Matmul = (Option<(usize, usize)>, usize);
 
     /// The paths this CPU runs, each with whether it is here.
-    fn paths() -> [(Int8Path, bool); 3] {
-        [(Int8Path::Portable, true), (Int8Path::Avx2, avx2_available()), (Int8Path::Amx, available())]
+    fn paths() -> Vec<(Int8Path, bool)> {
+        Int8Path::ALL.into_iter().map(|path| (path, path.supported())).collect()
     }
 
     #[test]
@@ -1033,6 +1415,16 @@ mod tests {
             check([1, 50, 77], &[(ALL, 48)], 1, Int8Path::Avx2);
             check([1, 300, 3072], &[(ALL, 32)], 1, Int8Path::Avx2);
             check([2, 9, 64], &[(ALL, 16), (ALL, 32)], 1, Int8Path::Avx2);
+        }
+        // VNNI: a k that is not a multiple of 4 (the pad of the last quad), N of 48 (a pair of
+        // panels and a single one on 512), rows that do not fit one block, N of 16.
+        for path in [Int8Path::Vnni512, Int8Path::Vnni256] {
+            if path.supported() {
+                check([1, 50, 77], &[(ALL, 48)], 1, path);
+                check([1, 50, 78], &[(ALL, 16), (ALL, 80)], 1, path);
+                check([1, 300, 3072], &[(ALL, 32)], 1, path);
+                check([2, 9, 64], &[(ALL, 16), (ALL, 32)], 1, path);
+            }
         }
     }
 
@@ -1092,9 +1484,11 @@ mod tests {
         // An N that is not a multiple of 32 is not taken for AMX.
         let mut model = chain([1, 16, 128], &[(ALL, 48)], 3);
         assert_eq!(fuse(&mut model, Int8Path::Amx).unwrap(), 0);
-        // Nor one that is not a multiple of 16 for AVX2.
-        let mut model = chain([1, 16, 128], &[(ALL, 40)], 3);
-        assert_eq!(fuse(&mut model, Int8Path::Avx2).unwrap(), 0);
+        // Nor one that is not a multiple of 16 for AVX2 and VNNI.
+        for path in [Int8Path::Avx2, Int8Path::Vnni512, Int8Path::Vnni256] {
+            let mut model = chain([1, 16, 128], &[(ALL, 40)], 3);
+            assert_eq!(fuse(&mut model, path).unwrap(), 0, "{path:?}");
+        }
         // A plain f32 matmul is never touched.
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, 8, 64])).unwrap();

@@ -2,8 +2,10 @@
 //! threads.
 //!
 //! [`Kernel`] names the paths: `scalar` (portable Rust), `avx2` (AVX2 + FMA intrinsics, and
-//! the int8 weight matmuls on `vpmaddwd`), `avx512` (AVX-512F intrinsics; int8 left to tract)
-//! and `amx` (the int8 weight matmuls on AMX tiles, the f32 ops on AVX-512). By default the
+//! the int8 weight matmuls on AVX-VNNI's 256-bit `vpdpbusd` where the CPU has it, else on
+//! `vpmaddwd`), `avx512` (AVX-512F intrinsics, and int8 on AVX-512 VNNI, else `vpmaddwd`) and
+//! `amx` (the int8 weight matmuls on AMX tiles, the f32 ops on AVX-512); `int8.rs`'s
+//! `Int8Path::for_kernel` maps a path to its int8 code. By default the
 //! model takes the best path this CPU has ([`Kernel::best`]); the environment variable
 //! `MBT_EDGE_KERNEL` (`scalar|avx2|avx512|amx`, or `tract` to leave the graph to tract's own
 //! kernels, or `auto`) forces one ([`Selection::from_env`]). A forced path

@@ -19,7 +19,7 @@ use tract_onnx::tract_core::runtime::{Runnable, Runtime as TractRuntime, runtime
 #[cfg(feature = "gpu")]
 use tract_cuda as _;
 
-use super::kernel::{Kernel, Selection};
+use super::kernel::Selection;
 use super::{ModelError, ModelInfo};
 use crate::config::Runtime as RuntimeChoice;
 
@@ -133,14 +133,12 @@ impl ModelRuntime {
             .and_then(|model| model.into_decluttered())
             .map_err(|err| mismatch(format!("tract cannot type the graph: {err:#}")))?;
         // The int8 weight matmuls of a quantised model as one fused op per input (int8.rs), on
-        // AMX tiles or AVX2 (`vpmaddwd`); a graph without them (any f32 model) is left as it is.
+        // AMX tiles, VNNI (`vpdpbusd`, 512 or 256 bits) or AVX2 (`vpmaddwd`); a graph without
+        // them (any f32 model) is left as it is.
         let cpu = backend.name() == "cpu";
         let int8_path = match selection {
-            Selection::Fused(Kernel::Amx) => Some(super::int8::Int8Path::Amx),
-            // Not on the avx512 path: where AVX-512 lacks AMX, tract's own int8 kernels
-            // (VNNI-512 where present) have not been measured against this one.
-            Selection::Fused(Kernel::Avx2) => Some(super::int8::Int8Path::Avx2),
-            _ => None,
+            Selection::Fused(kernel) => super::int8::Int8Path::for_kernel(kernel),
+            Selection::Tract => None,
         };
         if let (true, Some(path)) = (cpu, int8_path) {
             let mut fused = typed.clone();
@@ -309,6 +307,7 @@ pub fn probabilities(logits: &[f32], multi_label: bool) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernel::Kernel;
     use crate::npy::read_npy;
     use std::path::{Path, PathBuf};
 
