@@ -28,8 +28,8 @@
 //! Each op carries the [`Kernel`] path it was fused for (`kernel.rs`: chosen at load, by
 //! default the best this CPU has, forced with `MBT_EDGE_KERNEL`): portable Rust, AVX2 + FMA
 //! (`f32fuse/avx2.rs`: a 6x16 micro-kernel, cache-blocked for the paper-size model) or
-//! AVX-512F (`f32fuse/avx512.rs`: a 12x32 micro-kernel, blocked alike). Every op splits its
-//! output rows (or heads) over the model's thread pool (`kernel::split_rows`). Results differ from tract's by float rounding
+//! AVX-512F (a 12x32 micro-kernel). Every op splits its output rows (or heads) over the
+//! model's thread pool (`kernel::split_rows`). Results differ from tract's by float rounding
 //! only (sums in another order, exp by a degree-7 polynomial accurate to about 1 ulp; unit
 //! tests below run every path this CPU has against tract's own plan). [`fuse`] refuses a path
 //! the CPU lacks, and each op checks again before it runs a SIMD path. Anything that does
@@ -212,12 +212,264 @@ mod scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// exp of 16 lanes: `2^n * p(r)`, `x = n ln2 + r`, `|r| <= ln2/2`, p of degree 7.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn exp(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn softmax(row: &mut [f32]) {
+        let n = row.len();
+        let whole = n / 16 * 16;
+        let tail = ((1u32 << (n - whole)) - 1) as __mmask16;
+        let p = row.as_mut_ptr();
+        // SAFETY: loads and stores at `p + i` with `i + 16 <= whole <= n`, or at `p + whole`
+        // masked to the `n - whole` lanes left: all inside `row`.
+        unsafe {
+            let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..whole).step_by(16) {
+                vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p.add(i)));
+            }
+            if tail != 0 {
+                vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, p.add(whole)));
+            }
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+            let mut vsum = _mm512_setzero_ps();
+            for i in (0..whole).step_by(16) {
+                let e = exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), max));
+                _mm512_storeu_ps(p.add(i), e);
+                vsum = _mm512_add_ps(vsum, e);
+            }
+            if tail != 0 {
+                let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p.add(whole)), max));
+                _mm512_mask_storeu_ps(p.add(whole), tail, e);
+                vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vsum));
+            for i in (0..whole).step_by(16) {
+                _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+            }
+            if tail != 0 {
+                _mm512_mask_storeu_ps(
+                    p.add(whole),
+                    tail,
+                    _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(whole)), inv),
+                );
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn gelu16(x: __m512) -> __m512 {
+        let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+        let y = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI), _mm512_fmadd_ps(_mm512_set1_ps(GELU_A), x3, x));
+        let e = exp(_mm512_mul_ps(_mm512_set1_ps(-2.0), y));
+        _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn gelu(data: &mut [f32]) {
+        let whole = data.len() / 16 * 16;
+        let p = data.as_mut_ptr();
+        // SAFETY: 16 floats at `p + i` with `i + 16 <= whole <= data.len()`.
+        unsafe {
+            for i in (0..whole).step_by(16) {
+                _mm512_storeu_ps(p.add(i), gelu16(_mm512_loadu_ps(p.add(i))));
+            }
+        }
+        data[whole..].iter_mut().for_each(|x| *x = scalar::gelu(*x));
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn layer_norm(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        let n = row.len();
+        if !n.is_multiple_of(16) || gamma.len() != n || beta.len() != n {
+            return scalar::layer_norm(row, gamma, beta, eps);
+        }
+        let p = row.as_mut_ptr();
+        // SAFETY: `row`, `gamma` and `beta` hold `n` floats, a multiple of 16 (checked above);
+        // every access is 16 floats at `i` with `i + 16 <= n`.
+        unsafe {
+            let mut vsum = _mm512_setzero_ps();
+            for i in (0..n).step_by(16) {
+                vsum = _mm512_add_ps(vsum, _mm512_loadu_ps(p.add(i)));
+            }
+            let inv_n = 1.0 / n as f32;
+            let mean = _mm512_set1_ps(_mm512_reduce_add_ps(vsum) * inv_n);
+            let mut vsq = _mm512_setzero_ps();
+            for i in (0..n).step_by(16) {
+                let d = _mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mean);
+                vsq = _mm512_fmadd_ps(d, d, vsq);
+            }
+            let var = _mm512_reduce_add_ps(vsq) * inv_n;
+            let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
+            for i in (0..n).step_by(16) {
+                let d = _mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mean);
+                let y = _mm512_fmadd_ps(
+                    _mm512_mul_ps(d, inv),
+                    _mm512_loadu_ps(gamma.as_ptr().add(i)),
+                    _mm512_loadu_ps(beta.as_ptr().add(i)),
+                );
+                _mm512_storeu_ps(p.add(i), y);
+            }
+        }
+    }
+
+    /// `MR_` rows of `y = x . W + bias` for one panel of up to 32 columns (`cols`): `x` at
+    /// row stride `xs`, `y` at row stride `ys`, the panel `w` of `k` x 32 (columns past `cols`
+    /// are computed but not stored); `bias` null for none.
+    ///
+    /// # Safety
+    /// AVX-512F present; `x` readable for `MR_` rows of `k` values at stride `xs`, `w` for `k`
+    /// rows of 32 floats, `bias` (unless null) for 32 floats, `y` writable for `MR_` rows of
+    /// `cols` <= 32 values at stride `ys`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel<const MR_: usize>(
+        x: *const f32,
+        xs: usize,
+        k: usize,
+        w: *const f32,
+        bias: *const f32,
+        gelu: bool,
+        y: *mut f32,
+        ys: usize,
+        cols: usize,
+    ) {
+        // SAFETY: the contract above covers every offset: rows `r < MR_`, `kk < k`, the
+        // panel's 32 columns, and stores masked to `cols` columns.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR_];
+            for kk in 0..k {
+                let w0 = _mm512_loadu_ps(w.add(kk * PANEL));
+                let w1 = _mm512_loadu_ps(w.add(kk * PANEL + 16));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*x.add(r * xs + kk));
+                    acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
+                }
+            }
+            let (b0, b1) = if bias.is_null() {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            } else {
+                (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)))
+            };
+            let m0 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as __mmask16 };
+            let m1 = if cols >= 32 {
+                0xffff
+            } else if cols <= 16 {
+                0
+            } else {
+                ((1u32 << (cols - 16)) - 1) as __mmask16
+            };
+            for (r, acc) in acc.iter().enumerate() {
+                let mut v0 = _mm512_add_ps(acc[0], b0);
+                let mut v1 = _mm512_add_ps(acc[1], b1);
+                if gelu {
+                    v0 = gelu16(v0);
+                    v1 = gelu16(v1);
+                }
+                if cols >= 32 {
+                    _mm512_storeu_ps(y.add(r * ys), v0);
+                    _mm512_storeu_ps(y.add(r * ys + 16), v1);
+                } else {
+                    _mm512_mask_storeu_ps(y.add(r * ys), m0, v0);
+                    _mm512_mask_storeu_ps(y.add(r * ys + 16), m1, v1);
+                }
+            }
+        }
+    }
+
+    /// `rows` rows of one panel: [`kernel`] over blocks of [`MR`] rows.
+    ///
+    /// # Safety
+    /// As [`kernel`], for `rows` rows.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn panel(
+        x: *const f32,
+        xs: usize,
+        rows: usize,
+        k: usize,
+        w: *const f32,
+        bias: *const f32,
+        gelu: bool,
+        y: *mut f32,
+        ys: usize,
+        cols: usize,
+    ) {
+        let mut r = 0;
+        while r < rows {
+            // SAFETY: row `r < rows` of x and y, inside the caller's `rows` rows.
+            let (xr, yr) = unsafe { (x.add(r * xs), y.add(r * ys)) };
+            let block = (rows - r).min(MR);
+            // SAFETY: `block` rows from row `r`, `r + block <= rows`: the caller's contract.
+            unsafe {
+                match block {
+                    12 => kernel::<12>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    11 => kernel::<11>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    10 => kernel::<10>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    9 => kernel::<9>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    8 => kernel::<8>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    7 => kernel::<7>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    6 => kernel::<6>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    5 => kernel::<5>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    4 => kernel::<4>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    3 => kernel::<3>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    2 => kernel::<2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    _ => kernel::<1>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                }
+            }
+            r += block;
+        }
+    }
+
+    /// `y[rows][n] = x[rows][k] . W + bias` (tanh-GELU after with `gelu`).
+    ///
+    /// # Safety
+    /// AVX-512F present (the lengths are checked here).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn linear(x: &[f32], rows: usize, w: &Panels, bias: &[f32], gelu: bool, y: &mut [f32]) {
+        let (k, n) = (w.k, w.n);
+        assert!(x.len() >= rows * k && y.len() >= rows * n && bias.len() == n && w.packed.len() == k * n);
+        assert_eq!(w.width, PANEL);
+        for p in 0..n / PANEL {
+            let wp = w.packed[p * k * PANEL..].as_ptr();
+            let b = bias[p * PANEL..].as_ptr();
+            let yp = y[p * PANEL..].as_mut_ptr();
+            // SAFETY: the assert above: `rows` rows of k (x) and of n (y), panel `p` of k x 32
+            // weights, 32 bias values and 32 columns of y from `p * 32`, all in bounds.
+            unsafe { panel(x.as_ptr(), k, rows, k, wp, b, gelu, yp, n, PANEL) };
+        }
+    }
+}
 
 // ---- weight matmuls ---------------------------------------------------------------------
 
-/// Columns per packed panel of weights: two zmm registers (`avx512::WIDTH`).
+/// Columns per packed panel of weights: two zmm registers.
 const PANEL: usize = 32;
+/// Rows of the input per micro-kernel call: 12 rows x 2 registers = 24 accumulators.
+#[cfg(target_arch = "x86_64")]
+const MR: usize = 12;
 
 /// Columns per packed panel of weights on `kernel`'s path: 16 (two ymm registers) on AVX2,
 /// [`PANEL`] elsewhere. Whoever packs a panel and whoever reads it ask this of the same kernel.
@@ -343,11 +595,8 @@ impl Linear {
         let w = &self.weights.packed;
         match checked(self.kernel) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `checked` confirmed AVX-512F on this CPU; `product` checks the lengths.
-            Kernel::Avx512 => unsafe {
-                assert_eq!(width, avx512::WIDTH);
-                avx512::product(x, k, rows, k, w, &self.bias, self.gelu, y, n, n)
-            },
+            // SAFETY: `checked` confirmed AVX-512F on this CPU; `linear` checks the lengths.
+            Kernel::Avx512 => unsafe { avx512::linear(x, rows, &self.weights, &self.bias, self.gelu, y) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `checked` confirmed AVX2 and FMA on this CPU; `product` checks the lengths.
             Kernel::Avx2 => unsafe {
@@ -555,8 +804,16 @@ fn product(
     assert!(y.len() >= (rows - 1) * ys + cols && w.len() >= cols.div_ceil(pw) * k * pw);
     match checked(kernel) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `checked` confirmed AVX-512F; `product` checks the lengths.
-        Kernel::Avx512 => unsafe { avx512::product(x, xs, rows, k, w, &[], false, y, ys, cols) },
+        Kernel::Avx512 => {
+            for p in 0..cols.div_ceil(PANEL) {
+                let width = (cols - p * PANEL).min(PANEL);
+                let (wp, yp) = (w[p * k * PANEL..].as_ptr(), y[p * PANEL..].as_mut_ptr());
+                // SAFETY: `checked` confirmed AVX-512F; the asserts above keep rows `0..rows`
+                // of x (k values at stride xs) and of y (columns below `cols` at stride ys),
+                // and panel `p` (k rows of 32) in bounds.
+                unsafe { avx512::panel(x.as_ptr(), xs, rows, k, wp, std::ptr::null(), false, yp, ys, width) };
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `checked` confirmed AVX2 and FMA; `product` checks the lengths.
         Kernel::Avx2 => unsafe { avx2::product(x, xs, rows, k, w, &[], false, y, ys, cols) },
