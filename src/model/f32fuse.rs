@@ -735,10 +735,12 @@ fn scores(kernel: Kernel, q: &[f32], k: &[f32], q_shape: &[usize], n: usize, s: 
 /// panels of `pw` columns (one per row of K), `d` rows each; `buf` holds every panel and stays
 /// zero past `n`.
 fn pack_transposed(buf: &mut [f32], k: &[f32], stride: usize, n: usize, d: usize, pw: usize) {
-    for j in 0..n {
-        let (p, c) = (j / pw, j % pw);
-        for kk in 0..d {
-            buf[(p * d + kk) * pw + c] = k[j * stride + kk];
+    for (p, panel) in buf.chunks_exact_mut(d * pw).take(n.div_ceil(pw)).enumerate() {
+        for c in 0..(n - p * pw).min(pw) {
+            let key = &k[(p * pw + c) * stride..][..d];
+            for (row, &value) in panel.chunks_exact_mut(pw).zip(key) {
+                row[c] = value;
+            }
         }
     }
 }
@@ -747,8 +749,9 @@ fn pack_transposed(buf: &mut [f32], k: &[f32], stride: usize, n: usize, d: usize
 /// `pw` columns, `n` rows each; `buf` holds every panel and stays zero past `d`.
 fn pack_rows(buf: &mut [f32], v: &[f32], stride: usize, n: usize, d: usize, pw: usize) {
     for j in 0..n {
-        for c in 0..d {
-            buf[((c / pw) * n + j) * pw + c % pw] = v[j * stride + c];
+        let row = &v[j * stride..][..d];
+        for (p, values) in row.chunks(pw).enumerate() {
+            buf[(p * n + j) * pw..][..values.len()].copy_from_slice(values);
         }
     }
 }
@@ -837,7 +840,8 @@ fn product(
 /// softmax [`RowOp`] and `Mix` in one op, a block of [`ATTENTION_ROWS`] query rows at a time
 /// (their scores stay in cache: at vit-base's 1569 tokens the whole scores tensor is 118 MB
 /// per layer, written and read five times). The same kernels in the same order as the three
-/// ops, so the same bits.
+/// ops, so the same bits. Split over the model's threads by heads where they divide evenly
+/// (or are many), so that each thread packs only its own heads' K and V; else by query rows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attention {
     kernel: Kernel,
@@ -856,8 +860,8 @@ impl Op for Attention {
 
 thread_local! {
     /// The packed K^T and V of one head, and a block of scores (reused between calls).
-    static ATTENTION_BUFFERS: std::cell::RefCell<[Vec<f32>; 3]> =
-        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    static ATTENTION_BUFFERS: std::cell::RefCell<[Vec<f32>; 4]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 impl EvalOp for Attention {
@@ -910,35 +914,102 @@ fn attention(kernel: Kernel, [q, k, v]: [&[f32]; 3], q_shape: &[usize], n: usize
     if v_row == 0 || m == 0 {
         return;
     }
-    let softmax = RowOp { kind: Kind::Softmax, kernel };
-    split_rows(o, v_row, batch * heads * m * n * (d + dv), |first, o| {
-        ATTENTION_BUFFERS.with_borrow_mut(|[k_panels, v_panels, s]| {
-            let pw = panel_width(kernel);
-            k_panels.clear();
-            k_panels.resize(n.div_ceil(pw) * d * pw, 0.0);
-            v_panels.clear();
-            v_panels.resize(dv.div_ceil(pw) * n * pw, 0.0);
-            s.resize(ATTENTION_ROWS * n, 0.0);
+    assert!(q.len() >= batch * m * q_row && k.len() >= batch * n * q_row && v.len() >= batch * n * v_row);
+    assert_eq!(o.len(), batch * m * v_row);
+    let dims = AttentionDims { m, n, heads, d, dv };
+    let work = batch * heads * m * n * (d + dv);
+    let units = batch * heads;
+    let threads = super::kernel::threads_for(work);
+    if threads > 1 && (units.is_multiple_of(threads) || units >= 4 * threads) {
+        // By heads: each part packs only its own heads' K and V (split by rows, every part
+        // packed every head) and writes its heads' columns of every row.
+        let per = units.div_ceil(threads);
+        let parts: Vec<(usize, usize)> = (0..units).step_by(per).map(|u0| (u0, (u0 + per).min(units))).collect();
+        let out = SharedOut(o.as_mut_ptr());
+        let out = &out;
+        super::kernel::run_parts(parts, |(u0, u1)| {
+            for unit in u0..u1 {
+                let (a, h) = (unit / heads, unit % heads);
+                attend(kernel, [q, k, v], &dims, a, h, 0..m, |i, values| {
+                    let at = (a * m + i) * v_row + h * dv;
+                    // SAFETY: `at + dv <= batch * m * v_row = o.len()` (i < m, h < heads);
+                    // unit (a, h) alone writes columns h*dv..(h+1)*dv of rows a*m..(a+1)*m,
+                    // so no two parts write the same value, and nothing reads `o` until
+                    // `run_parts` returns; `values` (the part's scratch) is not in `o`.
+                    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out.0.add(at), dv) }
+                });
+            }
+        });
+    } else {
+        split_rows(o, v_row, work, |first, o| {
             let (start, end) = (first, first + o.len() / v_row);
             for a in start / m..end.div_ceil(m) {
                 let (i0, i1) = (start.max(a * m) - a * m, end.min((a + 1) * m) - a * m);
                 for h in 0..heads {
-                    pack_transposed(k_panels, &k[a * n * q_row + h * d..], q_row, n, d, pw);
-                    pack_rows(v_panels, &v[a * n * v_row + h * dv..], v_row, n, dv, pw);
-                    for r0 in (i0..i1).step_by(ATTENTION_ROWS) {
-                        let rows = (i1 - r0).min(ATTENTION_ROWS);
-                        let s = &mut s[..rows * n];
-                        let qh = &q[(a * m + r0) * q_row + h * d..];
-                        product(kernel, qh, q_row, rows, d, k_panels, s, n, n);
-                        if n > 0 {
-                            softmax.run_rows(s, n);
-                        }
-                        let oh = &mut o[(a * m + r0 - start) * v_row + h * dv..];
-                        product(kernel, s, n, rows, n, v_panels, oh, v_row, dv);
-                    }
+                    attend(kernel, [q, k, v], &dims, a, h, i0..i1, |i, values| {
+                        o[(a * m + i - start) * v_row + h * dv..][..dv].copy_from_slice(values)
+                    });
                 }
             }
         })
+    }
+}
+
+/// The output of [`attention`] as parts write it: disjoint ranges from several threads.
+struct SharedOut(*mut f32);
+
+// SAFETY: only `attention` makes one, and its parts write disjoint values (see there).
+unsafe impl Sync for SharedOut {}
+
+/// Shapes of one [`attention`] call: `m` query rows, `n` keys, `heads` of `d` (Q, K) and
+/// `dv` (V) values.
+struct AttentionDims {
+    m: usize,
+    n: usize,
+    heads: usize,
+    d: usize,
+    dv: usize,
+}
+
+/// Head `h` of batch entry `a` for query rows `rows`: K and V packed once, then per block of
+/// [`ATTENTION_ROWS`] rows the scores, softmax and mix (into this thread's scratch);
+/// `write(i, values)` gets the `dv` outputs of query row `i`.
+fn attend(
+    kernel: Kernel,
+    [q, k, v]: [&[f32]; 3],
+    dims: &AttentionDims,
+    a: usize,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    mut write: impl FnMut(usize, &[f32]),
+) {
+    let AttentionDims { m, n, heads, d, dv } = *dims;
+    let (q_row, v_row) = (heads * d, heads * dv);
+    let softmax = RowOp { kind: Kind::Softmax, kernel };
+    ATTENTION_BUFFERS.with_borrow_mut(|[k_panels, v_panels, s, mixed]| {
+        let pw = panel_width(kernel);
+        k_panels.clear();
+        k_panels.resize(n.div_ceil(pw) * d * pw, 0.0);
+        v_panels.clear();
+        v_panels.resize(dv.div_ceil(pw) * n * pw, 0.0);
+        s.resize(ATTENTION_ROWS * n, 0.0);
+        mixed.resize(ATTENTION_ROWS * dv, 0.0);
+        pack_transposed(k_panels, &k[a * n * q_row + h * d..], q_row, n, d, pw);
+        pack_rows(v_panels, &v[a * n * v_row + h * dv..], v_row, n, dv, pw);
+        for r0 in rows.clone().step_by(ATTENTION_ROWS) {
+            let count = (rows.end - r0).min(ATTENTION_ROWS);
+            let s = &mut s[..count * n];
+            let qh = &q[(a * m + r0) * q_row + h * d..];
+            product(kernel, qh, q_row, count, d, k_panels, s, n, n);
+            if n > 0 {
+                softmax.run_rows(s, n);
+            }
+            let mixed = &mut mixed[..count * dv];
+            product(kernel, s, n, count, n, v_panels, mixed, dv, dv);
+            for (i, values) in mixed.chunks_exact(dv).enumerate() {
+                write(r0 + i, values);
+            }
+        }
     })
 }
 

@@ -171,13 +171,16 @@ pub(super) fn split_rows<T: Send>(out: &mut [T], row_len: usize, work: usize, f:
 /// Rows per part when `rows` rows of `work` multiply-adds in all are split over the current
 /// executor's threads: all of them (one part) on one thread or for small work.
 pub(super) fn rows_per_part(rows: usize, work: usize) -> usize {
-    let threads = match current_tract_executor() {
-        Executor::MultiThread(pool) if work >= MIN_PARALLEL_WORK && rows > 1 => {
-            pool.current_num_threads().clamp(1, rows)
-        }
+    rows.div_ceil(threads_for(work).clamp(1, rows.max(1)))
+}
+
+/// The threads of the current executor that `work` multiply-adds are worth: 1 on one thread
+/// or below [`MIN_PARALLEL_WORK`].
+pub(super) fn threads_for(work: usize) -> usize {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if work >= MIN_PARALLEL_WORK => pool.current_num_threads().max(1),
         _ => 1,
-    };
-    rows.div_ceil(threads)
+    }
 }
 
 /// Runs `f` on each part, one per thread of the current tract executor: the first on this
