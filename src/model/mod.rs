@@ -1,5 +1,6 @@
 //! The model: ONNX file, its metadata and the tract runtime, with our fused ops (f32 rows,
-//! matmuls and attention products; int8 matmuls on AMX). Only this module knows tract.
+//! matmuls and attention products; int8 matmuls on AMX, VNNI or AVX2). Only this module knows
+//! tract.
 //!
 //! The fused ops run on the best kernel path this CPU has (scalar, AVX2 + FMA, AVX-512, AMX:
 //! `kernel.rs`); `MBT_EDGE_KERNEL=scalar|avx2|avx512|amx` forces one (refused with an error
