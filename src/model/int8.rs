@@ -16,8 +16,8 @@
 //! products into an i32 lane without saturating (exact): [`Int8Path::Vnni512`] (AVX-512 VNNI:
 //! Ice Lake and later Xeons, AMD Zen 4) on zmm with a 12-row x 32-channel micro-kernel, and
 //! [`Int8Path::Vnni256`] (AVX-VNNI: Alder Lake and later, N100-class) on ymm, 6 rows x 16
-//! channels. The u8 rows are quantised as for AMX (k padded to a multiple of 4 with zeros,
-//! which meet zero weights), the weights packed once at load as quads of k in panels of 16
+//! channels. The u8 rows are quantised as for AMX (k padded to a multiple of 4: the pad
+//! meets zero weights, so whatever it holds adds nothing), the weights packed once at load as quads of k in panels of 16
 //! channels (one zmm, two ymm), the rows split over the model's threads; exact i32 sums and
 //! the same two roundings, so bit-identical to tract.
 //!
@@ -185,17 +185,7 @@ impl Weights {
         debug_assert_eq!(plain.len(), k * n);
         let mut packed = vec![0i8; if path == Int8Path::Amx { k * n } else { 0 }];
         let k_blocks = if path == Int8Path::Amx { k / K_BLOCK } else { 0 };
-        let k_pairs = k.div_ceil(2);
-        let mut pairs =
-            vec![0i16; if path == Int8Path::Avx2 { n.div_ceil(PAIR_PANEL) * k_pairs * PAIR_PANEL * 2 } else { 0 }];
-        if path == Int8Path::Avx2 {
-            for col in 0..n {
-                let (p, c) = (col / PAIR_PANEL, col % PAIR_PANEL);
-                for kk in 0..k {
-                    pairs[((p * k_pairs + kk / 2) * PAIR_PANEL + c) * 2 + kk % 2] = plain[kk * n + col] as i16;
-                }
-            }
-        }
+        let pairs = if path == Int8Path::Avx2 { interleave(&plain, k, n, PAIR_PANEL, 2, i16::from) } else { vec![] };
         for group in 0..n / 16 {
             for kb in 0..k_blocks {
                 let tile = &mut packed[(group * k_blocks + kb) * 1024..][..1024];
@@ -209,21 +199,37 @@ impl Weights {
                 }
             }
         }
-        let vnni = matches!(path, Int8Path::Vnni512 | Int8Path::Vnni256);
-        let k_quads = k.div_ceil(4);
-        let mut quads = vec![0i8; if vnni { n.div_ceil(QUAD_PANEL) * k_quads * QUAD_PANEL * 4 } else { 0 }];
-        if vnni {
-            for col in 0..n {
-                let (p, c) = (col / QUAD_PANEL, col % QUAD_PANEL);
-                for kk in 0..k {
-                    quads[((p * k_quads + kk / 4) * QUAD_PANEL + c) * 4 + kk % 4] = plain[kk * n + col];
-                }
-            }
-        }
+        let quads = if matches!(path, Int8Path::Vnni512 | Int8Path::Vnni256) {
+            interleave(&plain, k, n, QUAD_PANEL, 4, |w| w)
+        } else {
+            vec![]
+        };
         let zp_colsum =
             (0..n).map(|col| (0..k).map(|kk| plain[kk * n + col] as i32).sum::<i32>() * zp as i32).collect();
         Weights { k, n, plain, packed, pairs, quads, zp_colsum, scale, bias }
     }
+}
+
+/// `[k][n]` weights as the AVX2 and VNNI kernels read them: per panel of `panel` channels, per
+/// group of `group` consecutive k (`k` rounded up to a multiple of `group`, zero past it), the
+/// panel's channels one after the other, each with its `group` values of k.
+fn interleave<T: Copy + Default>(
+    plain: &[i8],
+    k: usize,
+    n: usize,
+    panel: usize,
+    group: usize,
+    convert: impl Fn(i8) -> T,
+) -> Vec<T> {
+    let groups = k.div_ceil(group);
+    let mut out = vec![T::default(); n.div_ceil(panel) * groups * panel * group];
+    for col in 0..n {
+        let (p, c) = (col / panel, col % panel);
+        for kk in 0..k {
+            out[((p * groups + kk / group) * panel + c) * group + kk % group] = convert(plain[kk * n + col]);
+        }
+    }
+    out
 }
 
 /// `y_j = (Σ_k (q(x)_k - zp) w_kj) * scale_j + bias_j` for each output `j`, with
@@ -483,7 +489,8 @@ impl Int8Linear {
     }
 
     /// `rows` rows of `x` into `outputs` on a VNNI path: the rows quantised to u8 (`k` padded
-    /// to a multiple of 4 with zeros, which meet zero weights), then for each block of rows
+    /// to a multiple of 4; the pad meets the zero weights past k, so it adds nothing whatever
+    /// it holds), then for each block of rows
     /// (their bytes stay in L2 while every panel of weights passes over them) and each panel
     /// pair (or the last single panel), micro-kernels of up to 12 (512) or 6 (256) rows.
     ///
@@ -503,7 +510,8 @@ impl Int8Linear {
         let block = ((256 << 10) / stride / mr * mr).clamp(mr, 8 * mr);
         let panel_bytes = k_quads * QUAD_PANEL * 4;
         QUANTISED.with_borrow_mut(|q| {
-            q.clear();
+            // Not cleared: the k values of every row are written below, and the pad bytes
+            // after them (left from an earlier call) meet zero weights.
             q.resize(rows * stride, 0);
             for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(stride)) {
                 // SAFETY: the path's features per this function's contract (AVX-512F with
@@ -607,6 +615,29 @@ impl Int8Linear {
         })
     }
 
+    /// 16 values from `x` through [`Int8Linear::quantize`], as the u16 words of `packus_epi32`
+    /// (per 128-bit lane: values 0-3 8-11 | 4-7 12-15).
+    ///
+    /// # Safety
+    /// AVX2 present; `x` readable for 16 floats.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize16_avx2(&self, x: *const f32) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let (inv, off, lo, hi) = (
+            _mm256_set1_ps(self.inv_scale),
+            _mm256_set1_ps(self.offset),
+            _mm256_set1_ps(self.lo),
+            _mm256_set1_ps(self.hi),
+        );
+        // max(v, lo) and min(v, hi) with the variable first: a NaN gives the bound, as
+        // f32::max / f32::min do. Mul then Add, two roundings, as tract.
+        let clip = |v: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), off), lo), hi);
+        // SAFETY: `x` readable for 16 floats per this function's contract: two loads of 8.
+        let (a, b) = unsafe { (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8))) };
+        _mm256_packus_epi32(_mm256_cvttps_epi32(clip(a)), _mm256_cvttps_epi32(clip(b)))
+    }
+
     /// [`Int8Linear::quantize`] over `x` into `q` as i16, 16 lanes at a time; `q[x.len()..]`
     /// (the pad of an odd k) set to 0.
     ///
@@ -616,23 +647,14 @@ impl Int8Linear {
     unsafe fn quantize_avx2(&self, x: &[f32], q: &mut [i16]) {
         use std::arch::x86_64::*;
         assert!(q.len() >= x.len());
-        let (inv, off, lo, hi) = (
-            _mm256_set1_ps(self.inv_scale),
-            _mm256_set1_ps(self.offset),
-            _mm256_set1_ps(self.lo),
-            _mm256_set1_ps(self.hi),
-        );
         let whole = x.len() / 16 * 16;
         for (x, q) in x[..whole].chunks_exact(16).zip(q[..whole].chunks_exact_mut(16)) {
-            // SAFETY: chunks of exactly 16 values: 64 bytes read, 32 written.
+            // SAFETY: AVX2 per this function's contract; chunks of exactly 16 values: 64 bytes
+            // read, 32 written.
             unsafe {
-                // max(v, lo) and min(v, hi) with the variable first: a NaN gives the bound,
-                // as f32::max / f32::min do. Mul then Add, two roundings, as tract.
-                let clip = |v: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), off), lo), hi);
-                let a = _mm256_cvttps_epi32(clip(_mm256_loadu_ps(x.as_ptr())));
-                let b = _mm256_cvttps_epi32(clip(_mm256_loadu_ps(x.as_ptr().add(8))));
-                // packus works per 128-bit lane: a0-3 b0-3 a4-7 b4-7, put back in order.
-                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(a, b));
+                let words = self.quantize16_avx2(x.as_ptr());
+                // Words 0-3 8-11 4-7 12-15 (as 64-bit quarters), put back in order.
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(words);
                 _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, packed);
             }
         }
@@ -650,23 +672,14 @@ impl Int8Linear {
     unsafe fn quantize_u8_avx2(&self, x: &[f32], q: &mut [u8]) {
         use std::arch::x86_64::*;
         assert!(q.len() >= x.len());
-        let (inv, off, lo, hi) = (
-            _mm256_set1_ps(self.inv_scale),
-            _mm256_set1_ps(self.offset),
-            _mm256_set1_ps(self.lo),
-            _mm256_set1_ps(self.hi),
-        );
         let whole = x.len() / 16 * 16;
         for (x, q) in x[..whole].chunks_exact(16).zip(q[..whole].chunks_exact_mut(16)) {
-            // SAFETY: chunks of exactly 16 values: 64 bytes read, 16 written.
+            // SAFETY: AVX2 per this function's contract; chunks of exactly 16 values: 64 bytes
+            // read, 16 written.
             unsafe {
-                // As `quantize_avx2`: NaN gives the bound; Mul then Add, two roundings.
-                let clip = |v: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), off), lo), hi);
-                let a = _mm256_cvttps_epi32(clip(_mm256_loadu_ps(x.as_ptr())));
-                let b = _mm256_cvttps_epi32(clip(_mm256_loadu_ps(x.as_ptr().add(8))));
-                // Per 128-bit lane: words a0-3 b0-3 | a4-7 b4-7, then those as bytes (twice
-                // per lane): dwords a0-3 b0-3 a0-3 b0-3 | a4-7 b4-7 ..., put back in order.
-                let words = _mm256_packus_epi32(a, b);
+                let words = self.quantize16_avx2(x.as_ptr());
+                // Those words as bytes (twice per lane): dwords 0-3 8-11 0-3 8-11 | 4-7 12-15
+                // ..., put back in order.
                 let bytes = _mm256_packus_epi16(words, words);
                 let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
                 _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm256_castsi256_si128(ordered));
@@ -721,6 +734,28 @@ unsafe fn pairs_kernel<const R: usize>(
                 acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(v, w1));
             }
         }
+        store16_avx2(&acc, e, y, ys);
+    }
+}
+
+/// `R` rows x 16 channels of i32 sums (two ymm per row) through `e` into `y` (row stride
+/// `ys`): `(acc - zp) * scale + bias`, the product and the sum rounded separately as tract does.
+///
+/// # Safety
+/// AVX2 present; `e`'s slices at least 16 long; `y` writable for `R` rows of 16 f32 at stride
+/// `ys`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store16_avx2<const R: usize>(
+    acc: &[[std::arch::x86_64::__m256i; 2]; R],
+    e: &Epilogue,
+    y: *mut f32,
+    ys: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the contract above: 16 values of each of e's slices, R rows of 16 f32 of y.
+    unsafe {
         for half in 0..2 {
             let zp = _mm256_loadu_si256(e.zp[half * 8..].as_ptr() as *const __m256i);
             let scale = _mm256_loadu_ps(e.scale[half * 8..].as_ptr());
@@ -880,15 +915,7 @@ unsafe fn quads_kernel_256<const R: usize>(
                 acc[1] = _mm256_dpbusd_avx_epi32(acc[1], quad, w1);
             }
         }
-        for half in 0..2 {
-            let zp = _mm256_loadu_si256(e.zp[half * 8..].as_ptr() as *const __m256i);
-            let scale = _mm256_loadu_ps(e.scale[half * 8..].as_ptr());
-            let bias = _mm256_loadu_ps(e.bias[half * 8..].as_ptr());
-            for (r, acc) in acc.iter().enumerate() {
-                let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[half], zp));
-                _mm256_storeu_ps(y.add(r * ys + half * 8), _mm256_add_ps(_mm256_mul_ps(v, scale), bias));
-            }
-        }
+        store16_avx2(&acc, e, y, ys);
     }
 }
 
