@@ -522,33 +522,21 @@ impl Int8Linear {
                 let mc = (rows - r0).min(block);
                 let mut col0 = 0;
                 for (out, &n) in outputs.iter_mut().zip(&self.outputs) {
-                    let mut local = 0;
-                    while local < n {
-                        let col = col0 + local;
-                        let panels = if wide && n - local >= 2 * QUAD_PANEL { 2 } else { 1 };
-                        let wp = w.quads[(col / QUAD_PANEL) * panel_bytes..].as_ptr();
-                        let e = Epilogue { zp: &w.zp_colsum[col..], scale: &w.scale[col..], bias: &w.bias[col..] };
-                        let mut r = r0;
-                        while r < r0 + mc {
-                            let count = (r0 + mc - r).min(mr);
-                            let a = q[r * stride..].as_ptr();
-                            let y = out[r * n + local..].as_mut_ptr();
-                            // SAFETY: rows r..r + count of `q` (stride `stride`, k_quads quads
-                            // each) and of the output (16 x `panels` columns from `local`,
-                            // stride n, in bounds: n - local >= 16 x panels); `panels` panels
-                            // of k_quads x 64 bytes from `wp`; `e` holds 16 x `panels` values
-                            // each; the path's features per this function's contract.
-                            unsafe {
-                                if wide {
-                                    quads_512(count, panels, a, stride, k_quads, wp, panel_bytes, &e, y, n)
-                                } else {
-                                    quads_256(count, a, stride, k_quads, wp, &e, y, n)
-                                }
-                            }
-                            r += count;
-                        }
-                        local += panels * QUAD_PANEL;
-                    }
+                    let e = Epilogue { zp: &w.zp_colsum, scale: &w.scale, bias: &w.bias, rows: &[] };
+                    let wp = &w.quads[(col0 / QUAD_PANEL) * panel_bytes..][..n / QUAD_PANEL * panel_bytes];
+                    // SAFETY: the path's features per this function's contract; `q` holds
+                    // rows r0..r0 + mc of `stride` bytes, `out` (stride n) as many rows.
+                    unsafe {
+                        quads_product(
+                            self.path,
+                            &q[r0 * stride..][..mc * stride],
+                            k_quads,
+                            wp,
+                            &e.at(col0, n, 0, 0),
+                            &mut out[r0 * n..][..mc * n],
+                            n,
+                        )
+                    };
                     col0 += n;
                 }
             }
@@ -591,7 +579,12 @@ impl Int8Linear {
                             let count = (r0 + mc - r).min(PAIR_MR);
                             let a = q[r * stride..].as_ptr();
                             let y = out[r * n + local..].as_mut_ptr();
-                            let e = Epilogue { zp: &w.zp_colsum[col..], scale: &w.scale[col..], bias: &w.bias[col..] };
+                            let e = Epilogue {
+                                zp: &w.zp_colsum[col..],
+                                scale: &w.scale[col..],
+                                bias: &w.bias[col..],
+                                rows: &[],
+                            };
                             // SAFETY: rows r..r + count of `q` (stride `stride`, k_pairs pairs
                             // each) and of the output (16 columns from `local`, stride n, in
                             // bounds: n is a multiple of 16); the panel holds k_pairs x 32
@@ -691,12 +684,33 @@ impl Int8Linear {
     }
 }
 
-/// The per-channel terms of 16 output columns: `(acc - zp) * scale + bias`.
+/// The per-channel terms of 16 output columns: `(acc - zp) * scale + bias`, or with a scale
+/// per row as well (`rows`, one per row of the micro-kernel: the int8 attention products,
+/// whose rows are quantised each with its own scale) `((acc - zp) * scale) * rows[r]`; an
+/// empty `bias` adds nothing.
 #[cfg(target_arch = "x86_64")]
 struct Epilogue<'a> {
     zp: &'a [i32],
     scale: &'a [f32],
     bias: &'a [f32],
+    rows: &'a [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Epilogue<'_> {
+    /// The terms of `cols` columns from column `col` and of `count` rows from row `row`
+    /// (each slice's length checked).
+    fn at(&self, col: usize, cols: usize, row: usize, count: usize) -> Epilogue<'_> {
+        assert!(self.zp.len() >= col + cols && self.scale.len() >= col + cols);
+        assert!(self.bias.is_empty() || self.bias.len() >= col + cols);
+        assert!(self.rows.is_empty() || self.rows.len() >= row + count);
+        Epilogue {
+            zp: &self.zp[col..],
+            scale: &self.scale[col..],
+            bias: if self.bias.is_empty() { &[] } else { &self.bias[col..] },
+            rows: if self.rows.is_empty() { &[] } else { &self.rows[row..] },
+        }
+    }
 }
 
 /// `R` rows x 16 channels: `a` the rows' i16 activations (stride `sa`, `k_pairs` pairs), `w` a
@@ -719,7 +733,7 @@ unsafe fn pairs_kernel<const R: usize>(
     ys: usize,
 ) {
     use std::arch::x86_64::*;
-    assert!(e.zp.len() >= 16 && e.scale.len() >= 16 && e.bias.len() >= 16);
+    assert!(e.zp.len() >= 16 && e.scale.len() >= 16);
     // SAFETY: the contract above covers every offset: rows `r < R`, pairs `p < k_pairs`, the
     // panel's 32 i16 per pair, 16 columns of y.
     unsafe {
@@ -754,17 +768,76 @@ unsafe fn store16_avx2<const R: usize>(
     ys: usize,
 ) {
     use std::arch::x86_64::*;
-    // SAFETY: the contract above: 16 values of each of e's slices, R rows of 16 f32 of y.
+    assert!(e.zp.len() >= 16 && e.scale.len() >= 16 && (e.bias.is_empty() || e.bias.len() >= 16));
+    assert!(e.rows.is_empty() || e.rows.len() >= R);
+    // SAFETY: the contract above and the asserts: 16 values of each of e's slices (R of
+    // `rows`), R rows of 16 f32 of y.
     unsafe {
         for half in 0..2 {
             let zp = _mm256_loadu_si256(e.zp[half * 8..].as_ptr() as *const __m256i);
             let scale = _mm256_loadu_ps(e.scale[half * 8..].as_ptr());
-            let bias = _mm256_loadu_ps(e.bias[half * 8..].as_ptr());
             for (r, acc) in acc.iter().enumerate() {
-                let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[half], zp));
-                _mm256_storeu_ps(y.add(r * ys + half * 8), _mm256_add_ps(_mm256_mul_ps(v, scale), bias));
+                let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[half], zp)), scale);
+                if !e.rows.is_empty() {
+                    v = _mm256_mul_ps(v, _mm256_set1_ps(e.rows[r]));
+                }
+                if !e.bias.is_empty() {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(e.bias[half * 8..].as_ptr()));
+                }
+                _mm256_storeu_ps(y.add(r * ys + half * 8), v);
             }
         }
+    }
+}
+
+/// `y = a . w` through `e` on a VNNI `path`: `a` rows of `4 * k_quads` u8 (one after the
+/// other), `w` the quads of `y`'s columns (a multiple of [`QUAD_PANEL`], from `w[0]`), `y` as
+/// many rows at row stride `ys` (its first `16 x panels` columns written); `e` from the first
+/// column (and, with row scales, from the first row). Per pair of panels (or the last single
+/// one) on [`Int8Path::Vnni512`], per panel on [`Int8Path::Vnni256`], the rows by micro-kernels
+/// of [`QUAD_MR_512`] or [`QUAD_MR_256`].
+///
+/// # Safety
+/// `path` is [`Int8Path::Vnni512`] or [`Int8Path::Vnni256`] and its CPU features are present
+/// (the lengths are checked here).
+#[cfg(target_arch = "x86_64")]
+unsafe fn quads_product(path: Int8Path, a: &[u8], k_quads: usize, w: &[i8], e: &Epilogue, y: &mut [f32], ys: usize) {
+    let stride = k_quads * 4;
+    let panel_bytes = k_quads * QUAD_PANEL * 4;
+    let (wide, mr) = match path {
+        Int8Path::Vnni512 => (true, QUAD_MR_512),
+        Int8Path::Vnni256 => (false, QUAD_MR_256),
+        other => unreachable!("quads_product on {other:?}"),
+    };
+    if stride == 0 || panel_bytes == 0 {
+        return;
+    }
+    let (rows, cols) = (a.len() / stride, w.len() / panel_bytes * QUAD_PANEL);
+    assert!(a.len() == rows * stride && w.len() == cols / QUAD_PANEL * panel_bytes);
+    assert!(rows == 0 || y.len() >= (rows - 1) * ys + cols);
+    let mut local = 0;
+    while local < cols {
+        let panels = if wide && cols - local >= 2 * QUAD_PANEL { 2 } else { 1 };
+        let wp = w[(local / QUAD_PANEL) * panel_bytes..].as_ptr();
+        let mut r = 0;
+        while r < rows {
+            let count = (rows - r).min(mr);
+            let e = e.at(local, panels * QUAD_PANEL, r, count);
+            let (a, y) = (a[r * stride..].as_ptr(), y[r * ys + local..].as_mut_ptr());
+            // SAFETY: rows r..r + count of `a` (stride `stride`, k_quads quads each) and of
+            // `y` (16 x `panels` columns from `local`, stride ys: the asserts above);
+            // `panels` panels of k_quads x 64 bytes from `wp`; `e` checked by `at`; the
+            // path's features per this function's contract.
+            unsafe {
+                if wide {
+                    quads_512(count, panels, a, stride, k_quads, wp, panel_bytes, &e, y, ys)
+                } else {
+                    quads_256(count, a, stride, k_quads, wp, &e, y, ys)
+                }
+            }
+            r += count;
+        }
+        local += panels * QUAD_PANEL;
     }
 }
 
@@ -823,7 +896,8 @@ unsafe fn quads_kernel_512<const R: usize, const P: usize>(
     ys: usize,
 ) {
     use std::arch::x86_64::*;
-    assert!(e.zp.len() >= 16 * P && e.scale.len() >= 16 * P && e.bias.len() >= 16 * P);
+    assert!(e.zp.len() >= 16 * P && e.scale.len() >= 16 * P && (e.bias.is_empty() || e.bias.len() >= 16 * P));
+    assert!(e.rows.is_empty() || e.rows.len() >= R);
     // SAFETY: the contract above covers every offset: rows `r < R`, quads `q < k_quads`, 64
     // bytes per quad of each of the `P` panels, 16 x P columns of y.
     unsafe {
@@ -843,10 +917,15 @@ unsafe fn quads_kernel_512<const R: usize, const P: usize>(
         for j in 0..P {
             let zp = _mm512_loadu_si512(e.zp[j * 16..].as_ptr() as *const _);
             let scale = _mm512_loadu_ps(e.scale[j * 16..].as_ptr());
-            let bias = _mm512_loadu_ps(e.bias[j * 16..].as_ptr());
             for (r, acc) in acc.iter().enumerate() {
-                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], zp));
-                _mm512_storeu_ps(y.add(r * ys + j * 16), _mm512_add_ps(_mm512_mul_ps(v, scale), bias));
+                let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j], zp)), scale);
+                if !e.rows.is_empty() {
+                    v = _mm512_mul_ps(v, _mm512_set1_ps(e.rows[r]));
+                }
+                if !e.bias.is_empty() {
+                    v = _mm512_add_ps(v, _mm512_loadu_ps(e.bias[j * 16..].as_ptr()));
+                }
+                _mm512_storeu_ps(y.add(r * ys + j * 16), v);
             }
         }
     }
@@ -901,7 +980,6 @@ unsafe fn quads_kernel_256<const R: usize>(
     ys: usize,
 ) {
     use std::arch::x86_64::*;
-    assert!(e.zp.len() >= 16 && e.scale.len() >= 16 && e.bias.len() >= 16);
     // SAFETY: the contract above covers every offset: rows `r < R`, quads `q < k_quads`, the
     // panel's 64 bytes per quad, 16 columns of y.
     unsafe {
