@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mbt_edge::config::Runtime;
-use mbt_edge::model::{ModelInfo, ModelRuntime};
+use mbt_edge::model::{Int8Attention, ModelInfo, ModelRuntime, Selection};
 use mbt_edge::npy::read_npy;
 
 fn repo() -> PathBuf {
@@ -15,10 +15,14 @@ fn repo() -> PathBuf {
 
 /// Runs the fixture inputs of `model` through tract and compares every output with the
 /// PyTorch values within `tolerance` (absolute, on logits).
+/// (An int8 model's attention products stay f32 here, as onnxruntime runs them: the int8
+/// ones are checked by `int8_attention_keeps_the_top_1_of_f32_attention`.)
 fn check_parity(model: &Path, tolerance: f32) {
     let fixture = model.with_extension("parity");
     let info = ModelInfo::read(model).unwrap_or_else(|err| panic!("{err}"));
-    let mut runtime = ModelRuntime::load(&info, Runtime::Cpu, 1).unwrap_or_else(|err| panic!("{err}"));
+    let selection = Selection::from_env().expect("MBT_EDGE_KERNEL");
+    let mut runtime = ModelRuntime::load_with(&info, Runtime::Cpu, 1, selection, Int8Attention::Off)
+        .unwrap_or_else(|err| panic!("{err}"));
     let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
     let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
     let batch = video_shape[0];
@@ -58,6 +62,59 @@ fn int8_model_matches_its_onnxruntime_outputs() {
     // The fixture's reference is onnxruntime's int8 arithmetic (rounding differs slightly from
     // tract's, and on AMX machines the weight matmuls run as the fused op of src/model/int8.rs).
     check_parity(&repo().join("models/avsynth-edge-int8.onnx"), 2e-2);
+}
+
+/// The shipped int8 model with its attention products in int8 (every head: `Always`; where
+/// this CPU has VNNI, else both runs are the same, and the test says so) against the same file
+/// with them in f32, and against the f32 model, on 32 random windows (video U(-1, 1), audio
+/// N(0, 1)-like, as the parity fixtures): the top-1 class of the fused, audio and video logits
+/// agrees with f32 attention on every window, and moves no more often against the f32 model
+/// than the int8 weights alone do. Prints the agreement and the largest logit change.
+#[test]
+fn int8_attention_keeps_the_top_1_of_f32_attention() {
+    let selection = Selection::from_env().expect("MBT_EDGE_KERNEL");
+    let load = |name: &str, int8_attention: Int8Attention| {
+        let info = ModelInfo::read(&repo().join("models").join(name)).unwrap_or_else(|err| panic!("{err}"));
+        ModelRuntime::load_with(&info, Runtime::Cpu, 2, selection, int8_attention).unwrap_or_else(|err| panic!("{err}"))
+    };
+    // `Always`: edge-small's 129-133 keys are fewer than the default takes.
+    let mut int8 = load("avsynth-edge-int8.onnx", Int8Attention::Always);
+    let mut int8_f32_attention = load("avsynth-edge-int8.onnx", Int8Attention::Off);
+    let mut f32 = load("avsynth-edge.onnx", Int8Attention::Off);
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut uniform = move || {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    };
+    let windows = 32;
+    let video: Vec<f32> = (0..windows * int8.video_len()).map(|_| uniform()).collect();
+    // A sum of three uniforms: mean 0, variance 1, as the fixtures' normal audio.
+    let audio: Vec<f32> = (0..windows * int8.audio_len()).map(|_| uniform() + uniform() + uniform()).collect();
+    let top1 = |v: &[f32]| v.iter().enumerate().fold(0, |best, (ix, x)| if *x > v[best] { ix } else { best });
+    let heads = |l: &mbt_edge::model::Logits| [l.fused.clone(), l.audio.clone().unwrap(), l.video.clone().unwrap()];
+    let (a, b, c) = (
+        int8.run(windows, &video, &audio).unwrap(),
+        int8_f32_attention.run(windows, &video, &audio).unwrap(),
+        f32.run(windows, &video, &audio).unwrap(),
+    );
+    let (mut same, mut int8_vs_f32, mut weights_vs_f32, mut worst) = (0, 0, 0, 0f32);
+    for ((a, b), c) in a.iter().zip(&b).zip(&c) {
+        for ((a, b), c) in heads(a).iter().zip(&heads(b)).zip(&heads(c)) {
+            same += (top1(a) == top1(b)) as usize;
+            int8_vs_f32 += (top1(a) == top1(c)) as usize;
+            weights_vs_f32 += (top1(b) == top1(c)) as usize;
+            worst = a.iter().zip(b).fold(worst, |w, (x, y)| w.max((x - y).abs()));
+        }
+    }
+    let total = 3 * windows;
+    eprintln!(
+        "int8 attention: top-1 equal to f32 attention {same}/{total}; against the f32 model {int8_vs_f32}/{total} \
+         (int8 weights alone {weights_vs_f32}/{total}); largest |logit change| {worst:e}"
+    );
+    assert_eq!(same, total, "int8 attention moved a top-1 class");
+    // The int8 products ran (the logits moved) wherever the CPU has a VNNI path for them.
+    assert_eq!(worst > 0.0, Int8Attention::runs_on(selection), "largest change {worst}");
+    assert!(int8_vs_f32 >= weights_vs_f32, "int8 attention: {int8_vs_f32} against {weights_vs_f32}");
 }
 
 #[test]

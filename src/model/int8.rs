@@ -34,6 +34,8 @@
 
 use std::sync::Arc;
 
+pub(super) mod attention;
+
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::Slice;

@@ -14,6 +14,7 @@ mod metadata;
 mod runtime;
 
 pub use f32fuse::fuse as fuse_f32;
+pub use int8::attention::{INT8_ATTENTION_ENV, Int8Attention};
 pub use int8::fuse as fuse_int8;
 pub use kernel::{KERNEL_ENV, Kernel, KernelError, Selection};
 pub use metadata::{AudioRecipe, ModelError, ModelInfo, ModelMetadata, VideoRecipe};

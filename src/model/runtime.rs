@@ -19,6 +19,7 @@ use tract_onnx::tract_core::runtime::{Runnable, Runtime as TractRuntime, runtime
 #[cfg(feature = "gpu")]
 use tract_cuda as _;
 
+use super::int8::attention::Int8Attention;
 use super::kernel::Selection;
 use super::{ModelError, ModelInfo};
 use crate::config::Runtime as RuntimeChoice;
@@ -90,19 +91,22 @@ pub fn select_backend(choice: RuntimeChoice) -> Result<&'static dyn TractRuntime
 
 impl ModelRuntime {
     /// Loads `info`'s model for `choice` with `threads` threads, the fused ops on the kernel
-    /// path `MBT_EDGE_KERNEL` selects (by default the best this CPU has).
+    /// path `MBT_EDGE_KERNEL` selects (by default the best this CPU has), an int8 model's
+    /// attention products in int8 unless `MBT_EDGE_INT8_ATTENTION=0`.
     pub fn load(info: &ModelInfo, choice: RuntimeChoice, threads: usize) -> Result<ModelRuntime, ModelError> {
         let selection = Selection::from_env()
             .map_err(|err| ModelError::Mismatch { path: info.path.clone(), message: err.to_string() })?;
-        ModelRuntime::load_with(info, choice, threads, selection)
+        ModelRuntime::load_with(info, choice, threads, selection, Int8Attention::from_env())
     }
 
-    /// [`ModelRuntime::load`] with the kernel path given (tests, benchmarks).
+    /// [`ModelRuntime::load`] with the kernel path given, and when an int8 model runs its
+    /// attention products in int8 (where the CPU has VNNI) (tests, benchmarks).
     pub fn load_with(
         info: &ModelInfo,
         choice: RuntimeChoice,
         threads: usize,
         selection: Selection,
+        int8_attention: Int8Attention,
     ) -> Result<ModelRuntime, ModelError> {
         let mismatch = |message: String| ModelError::Mismatch { path: info.path.clone(), message };
         if let Selection::Fused(kernel) = selection
@@ -140,6 +144,7 @@ impl ModelRuntime {
             Selection::Fused(kernel) => super::int8::Int8Path::for_kernel(kernel),
             Selection::Tract => None,
         };
+        let mut int8_model = None;
         if let (true, Some(path)) = (cpu, int8_path) {
             let mut fused = typed.clone();
             match super::int8::fuse(&mut fused, path) {
@@ -147,6 +152,7 @@ impl ModelRuntime {
                 Ok(count) => {
                     tracing::debug!(count, ?path, "int8 matmuls fused");
                     typed = fused;
+                    int8_model = Some(path);
                 }
                 Err(err) => tracing::warn!("int8 matmuls left to tract: {err:#}"),
             }
@@ -163,6 +169,13 @@ impl ModelRuntime {
                 }
                 Err(err) => tracing::warn!("f32 ops left to tract: {err:#}"),
             }
+        }
+        // An int8 model's attention products in integers as well (int8/attention.rs), unless
+        // told not to (MBT_EDGE_INT8_ATTENTION=0); f32 models keep them f32.
+        let attention = int8_model.and_then(super::int8::attention::path_for).zip(int8_attention.min_keys());
+        if let Some((path, min_keys)) = attention {
+            let count = super::f32fuse::int8_attention(&mut typed, path, min_keys);
+            tracing::debug!(count, ?path, min_keys, "attention products in int8");
         }
         let input_outlets = typed.input_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
         let output_outlets = typed.output_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
@@ -316,7 +329,7 @@ mod tests {
     fn parity(model: &Path, selection: Selection, threads: usize) -> f32 {
         let fixture = model.with_extension("parity");
         let info = ModelInfo::read(model).unwrap_or_else(|err| panic!("{err}"));
-        let mut runtime = ModelRuntime::load_with(&info, RuntimeChoice::Cpu, threads, selection)
+        let mut runtime = ModelRuntime::load_with(&info, RuntimeChoice::Cpu, threads, selection, Int8Attention::Off)
             .unwrap_or_else(|err| panic!("{err}"));
         let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
         let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
