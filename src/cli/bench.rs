@@ -34,6 +34,8 @@ struct ModelReport {
     name: String,
     path: String,
     sha256: String,
+    /// What runs in int8 ([`ModelRuntime::precision`]).
+    precision: String,
     batches: Vec<BatchReport>,
 }
 
@@ -96,10 +98,12 @@ pub fn bench(config: &Path, json: bool, runs: usize, batches: &[usize], also: &[
     // Inference: per batch size, the models' runs alternate.
     let mut reports: Vec<ModelReport> = models
         .iter()
-        .map(|model| ModelReport {
+        .zip(&runtimes)
+        .map(|(model, runtime)| ModelReport {
             name: model.name().to_string(),
             path: model.path.display().to_string(),
             sha256: model.sha256.clone(),
+            precision: runtime.precision(),
             batches: Vec::new(),
         })
         .collect();
@@ -179,6 +183,10 @@ fn print_table(report: &Report) {
                 speedup
             );
         }
+    }
+    for model in &report.models {
+        let file = Path::new(&model.path).file_name().map_or(model.name.clone(), |f| f.to_string_lossy().into_owned());
+        println!("{file}: {}", model.precision);
     }
 }
 

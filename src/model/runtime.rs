@@ -49,6 +49,10 @@ pub struct ModelRuntime {
     /// The model's threads (tract's executor; single-threaded for `threads = 1`).
     executor: Executor,
     selection: Selection,
+    /// The int8 weight matmuls' path (None: none fused), and the int8 attention's with the
+    /// fewest keys it takes (None: attention f32).
+    int8: Option<super::int8::Int8Path>,
+    int8_attention: Option<(super::int8::Int8Path, usize)>,
 }
 
 impl std::fmt::Debug for ModelRuntime {
@@ -209,6 +213,8 @@ impl ModelRuntime {
             typed,
             executor,
             selection,
+            int8: int8_model,
+            int8_attention: attention,
         };
         if runtime.outputs[0].is_none() {
             return Err(mismatch(format!("tract sees outputs {output_names:?}, none named `logits`")));
@@ -221,6 +227,20 @@ impl ModelRuntime {
     /// The tract runtime in use: `cpu` or `cuda`.
     pub fn backend_name(&self) -> String {
         self.backend.name().to_string()
+    }
+
+    /// What runs in int8: `f32` for none; else the weight matmuls' path and, where they run
+    /// in int8 too, the attention products' (`int8 vnni512, attention int8 vnni512 (heads of
+    /// >= 256 keys)`).
+    pub fn precision(&self) -> String {
+        let name = |path: super::int8::Int8Path| format!("{path:?}").to_ascii_lowercase();
+        match (self.int8, self.int8_attention) {
+            (None, _) => "f32".to_string(),
+            (Some(path), None) => format!("int8 {}, attention f32", name(path)),
+            (Some(path), Some((attention, keys))) => {
+                format!("int8 {}, attention int8 {} (heads of >= {keys} keys)", name(path), name(attention))
+            }
+        }
     }
 
     /// The kernel path of the fused ops, or `tract` (none fused).
