@@ -73,6 +73,7 @@ impl Int8Attention {
 
 /// Query rows per block: their f32 scores (72 x 1584 at vit-base, 456 KiB) and u8
 /// probabilities stay in L2 between the two products; a multiple of both micro-kernels' rows.
+#[cfg(target_arch = "x86_64")]
 const ROWS: usize = 72;
 
 /// The int8 attention path for an int8 model whose weight matmuls run on `linear` (None: keep
@@ -145,17 +146,14 @@ pub fn attend(
     write: impl FnMut(usize, &[f32]),
 ) {
     assert!(takes(path, dims.n, dims.dv, 1), "int8 attention on {path:?}: {} keys, heads of {}", dims.n, dims.dv);
-    BUFFERS.with_borrow_mut(|b| {
+    BUFFERS.with_borrow_mut(|b| match path {
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `takes` confirmed the path's CPU features.
-        unsafe {
-            match path {
-                #[cfg(target_arch = "x86_64")]
-                Int8Path::Vnni512 => attend_512(b, qkv, dims, a, h, rows, write),
-                #[cfg(target_arch = "x86_64")]
-                Int8Path::Vnni256 => attend_256(b, qkv, dims, a, h, rows, write),
-                other => unreachable!("int8 attention on {other:?}"),
-            }
-        }
+        Int8Path::Vnni512 => unsafe { attend_512(b, qkv, dims, a, h, rows, write) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Int8Path::Vnni256 => unsafe { attend_256(b, qkv, dims, a, h, rows, write) },
+        other => unreachable!("int8 attention on {other:?}"),
     })
 }
 
