@@ -146,15 +146,27 @@ pub fn attend(
     write: impl FnMut(usize, &[f32]),
 ) {
     assert!(takes(path, dims.n, dims.dv, 1), "int8 attention on {path:?}: {} keys, heads of {}", dims.n, dims.dv);
+    let head = Head { qkv, dims, a, h, rows };
     BUFFERS.with_borrow_mut(|b| match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `takes` confirmed the path's CPU features.
-        Int8Path::Vnni512 => unsafe { attend_512(b, qkv, dims, a, h, rows, write) },
+        Int8Path::Vnni512 => unsafe { attend_512(b, head, write) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Int8Path::Vnni256 => unsafe { attend_256(b, qkv, dims, a, h, rows, write) },
-        other => unreachable!("int8 attention on {other:?}"),
+        Int8Path::Vnni256 => unsafe { attend_256(b, head, write) },
+        other => unreachable!("int8 attention on {other:?}: {:?}", head.rows),
     })
+}
+
+/// What one [`attend`] call works on: Q, K and V, their shapes, batch entry `a`, head `h`,
+/// the query rows.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Head<'a> {
+    qkv: [&'a [f32]; 3],
+    dims: &'a AttentionDims,
+    a: usize,
+    h: usize,
+    rows: Range<usize>,
 }
 
 /// [`attend`] on AVX-512 VNNI.
@@ -163,17 +175,9 @@ pub fn attend(
 /// AVX-512F and AVX-512 VNNI present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn attend_512(
-    b: &mut Buffers,
-    qkv: [&[f32]; 3],
-    dims: &AttentionDims,
-    a: usize,
-    h: usize,
-    rows: Range<usize>,
-    write: impl FnMut(usize, &[f32]),
-) {
+unsafe fn attend_512(b: &mut Buffers, head: Head, write: impl FnMut(usize, &[f32])) {
     // SAFETY: this function's features cover `softmax_u8_512` and the path's product.
-    unsafe { body(Int8Path::Vnni512, b, qkv, dims, a, h, rows, write, |s, n, p| softmax_u8_512(s, n, p)) }
+    unsafe { body(Int8Path::Vnni512, b, head, write, |s, n, p| softmax_u8_512(s, n, p)) }
 }
 
 /// [`attend`] on AVX-VNNI (ymm).
@@ -182,17 +186,9 @@ unsafe fn attend_512(
 /// AVX2, FMA and AVX-VNNI present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avxvnni")]
-unsafe fn attend_256(
-    b: &mut Buffers,
-    qkv: [&[f32]; 3],
-    dims: &AttentionDims,
-    a: usize,
-    h: usize,
-    rows: Range<usize>,
-    write: impl FnMut(usize, &[f32]),
-) {
+unsafe fn attend_256(b: &mut Buffers, head: Head, write: impl FnMut(usize, &[f32])) {
     // SAFETY: this function's features cover `softmax_u8_256` and the path's product.
-    unsafe { body(Int8Path::Vnni256, b, qkv, dims, a, h, rows, write, |s, n, p| softmax_u8_256(s, n, p)) }
+    unsafe { body(Int8Path::Vnni256, b, head, write, |s, n, p| softmax_u8_256(s, n, p)) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -265,18 +261,14 @@ fn quantise(values: &[f32], inv: f32, out: &mut [i8]) {
 /// # Safety
 /// `path`'s CPU features present, and those `softmax_u8` needs.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn body(
     path: Int8Path,
     b: &mut Buffers,
-    [q, k, v]: [&[f32]; 3],
-    dims: &AttentionDims,
-    a: usize,
-    h: usize,
-    rows: Range<usize>,
+    head: Head,
     mut write: impl FnMut(usize, &[f32]),
     softmax_u8: impl Fn(&[f32], usize, &mut [u8]) -> f32,
 ) {
+    let Head { qkv: [q, k, v], dims, a, h, rows } = head;
     let AttentionDims { m, n, heads, d, dv } = *dims;
     let (q_row, v_row) = (heads * d, heads * dv);
     let n16 = n.next_multiple_of(QUAD_PANEL);
