@@ -1,8 +1,8 @@
 //! End-to-end tests of the `events` -> `publish` path against a real mosquitto started on a
 //! free loopback port by each test (no mock broker): contract topics and schema, broker
 //! outages, SIGKILL of a publishing process, TLS with a generated CA, client certificates and
-//! a password file, and the last will. Also the ignored `bench_*` that prints throughput and
-//! spool cost: `cargo test --test mqtt -- --ignored --nocapture bench`.
+//! a password file, and the last will. A burst of events is delivered live and replayed in
+//! full, its rates printed (`cargo test --test mqtt -- --nocapture burst`).
 //!
 //! A subscriber here is a plain rumqttc client with a persistent session, so it sees what
 //! the broker queued for it while it was down.
