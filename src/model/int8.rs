@@ -129,12 +129,15 @@ pub fn avx2_available() -> bool {
 /// Channels per panel of [`Int8Path::Avx2`]'s packed weights: two ymm registers of i32 sums.
 const PAIR_PANEL: usize = 16;
 /// Rows per micro-kernel call of [`Int8Path::Avx2`]: 6 rows x 2 registers = 12 accumulators.
+#[cfg(target_arch = "x86_64")]
 const PAIR_MR: usize = 6;
 /// Channels per panel of the VNNI paths' packed weights: one zmm (two ymm) of i32 sums.
 const QUAD_PANEL: usize = 16;
 /// Rows per micro-kernel call of [`Int8Path::Vnni512`] (12 rows x 2 panels = 24 zmm
 /// accumulators) and of [`Int8Path::Vnni256`] (6 rows x 2 ymm = 12 of its 16 registers).
+#[cfg(target_arch = "x86_64")]
 const QUAD_MR_512: usize = 12;
+#[cfg(target_arch = "x86_64")]
 const QUAD_MR_256: usize = 6;
 
 /// Whether this machine runs [`Int8Linear`] on AMX (x86_64 with AMX-INT8, tile state granted).
