@@ -51,9 +51,13 @@ use tract_onnx::tract_core::ops::nn::{GeluApproximate, Reduce, Reducer, RmsNorm,
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
-/// The vector exp of the AVX2 and AVX-512 paths (for the int8 attention's softmax).
+/// The vector exp of the AVX2 and AVX-512 paths, and the AVX2 path's horizontal sum, max and
+/// tail mask (for the int8 attention's softmax).
 #[cfg(target_arch = "x86_64")]
-pub(super) use {avx2::exp as exp8, avx512::exp as exp16};
+pub(super) use {
+    avx2::{exp as exp8, max8, sum8, tail_mask as tail_mask8},
+    avx512::exp as exp16,
+};
 
 use super::int8::{Int8Path, attention as attention8};
 use super::kernel::{Kernel, split_rows};

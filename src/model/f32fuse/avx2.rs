@@ -59,14 +59,14 @@ pub fn exp(x: __m256) -> __m256 {
 /// Lanes `0..len` set (`len` <= 8), as a mask for `maskload` / `maskstore` / blends.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn tail_mask(len: usize) -> __m256i {
+pub fn tail_mask(len: usize) -> __m256i {
     _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
 }
 
 /// Horizontal sum and max of 8 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn sum8(v: __m256) -> f32 {
+pub fn sum8(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
@@ -74,7 +74,7 @@ fn sum8(v: __m256) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn max8(v: __m256) -> f32 {
+pub fn max8(v: __m256) -> f32 {
     let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps::<1>(s, s)))

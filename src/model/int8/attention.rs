@@ -425,9 +425,9 @@ unsafe fn softmax_u8_256(s: &[f32], n: usize, p: &mut [u8]) -> f32 {
     if n == 0 {
         return 0.0;
     }
+    use crate::model::f32fuse::{exp8, max8, sum8, tail_mask8};
     let last = (n - 1) / 8 * 8;
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let tail = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((n - last) as i32), lanes));
+    let tail = _mm256_castsi256_ps(tail_mask8(n - last));
     // SAFETY: every access is 8 values at `i <= last`, `last + 8 <= s.len() = p.len()`.
     unsafe {
         let ps = s.as_ptr();
@@ -437,22 +437,16 @@ unsafe fn softmax_u8_256(s: &[f32], n: usize, p: &mut [u8]) -> f32 {
             vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(ps.add(i)));
         }
         vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(ps.add(last)), tail));
-        let hi = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps::<1>(vmax));
-        let hi = _mm_max_ps(hi, _mm_movehl_ps(hi, hi));
-        let hi = _mm_max_ss(hi, _mm_shuffle_ps::<1>(hi, hi));
-        let max = _mm256_set1_ps(_mm_cvtss_f32(hi));
+        let max = _mm256_set1_ps(max8(vmax));
         let scale = _mm256_set1_ps(255.0);
         let mut vsum = _mm256_setzero_ps();
         for i in (0..=last).step_by(8) {
-            let e = crate::model::f32fuse::exp8(_mm256_sub_ps(_mm256_loadu_ps(ps.add(i)), max));
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(ps.add(i)), max));
             vsum = _mm256_add_ps(vsum, if i == last { _mm256_and_ps(e, tail) } else { e });
             let words = _mm256_cvtps_epi32(_mm256_mul_ps(e, scale));
             let half = _mm_packus_epi32(_mm256_castsi256_si128(words), _mm256_extracti128_si256::<1>(words));
             _mm_storel_epi64(p.as_mut_ptr().add(i) as *mut __m128i, _mm_packus_epi16(half, half));
         }
-        let sum = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps::<1>(vsum));
-        let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-        let sum = _mm_add_ss(sum, _mm_shuffle_ps::<1>(sum, sum));
-        1.0 / (255.0 * _mm_cvtss_f32(sum))
+        1.0 / (255.0 * sum8(vsum))
     }
 }
