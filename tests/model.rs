@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mbt_edge::config::Runtime;
-use mbt_edge::model::{Int8Attention, ModelInfo, ModelRuntime, Selection};
+use mbt_edge::model::{Int8Attention, ModelInfo, ModelRuntime, Parallelism, Selection};
 use mbt_edge::npy::read_npy;
 
 fn repo() -> PathBuf {
@@ -21,7 +21,7 @@ fn check_parity(model: &Path, tolerance: f32) {
     let fixture = model.with_extension("parity");
     let info = ModelInfo::read(model).unwrap_or_else(|err| panic!("{err}"));
     let selection = Selection::from_env().expect("MBT_EDGE_KERNEL");
-    let mut runtime = ModelRuntime::load_with(&info, Runtime::Cpu, 1, selection, Int8Attention::Off)
+    let mut runtime = ModelRuntime::load_with(&info, Runtime::Cpu, 1, selection, Int8Attention::Off, Parallelism::Auto)
         .unwrap_or_else(|err| panic!("{err}"));
     let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
     let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
@@ -75,7 +75,8 @@ fn int8_attention_keeps_the_top_1_of_f32_attention() {
     let selection = Selection::from_env().expect("MBT_EDGE_KERNEL");
     let load = |name: &str, int8_attention: Int8Attention| {
         let info = ModelInfo::read(&repo().join("models").join(name)).unwrap_or_else(|err| panic!("{err}"));
-        ModelRuntime::load_with(&info, Runtime::Cpu, 2, selection, int8_attention).unwrap_or_else(|err| panic!("{err}"))
+        ModelRuntime::load_with(&info, Runtime::Cpu, 2, selection, int8_attention, Parallelism::Auto)
+            .unwrap_or_else(|err| panic!("{err}"))
     };
     // `Always`: edge-small's 129-133 keys are fewer than the default takes.
     let mut int8 = load("avsynth-edge-int8.onnx", Int8Attention::Always);
@@ -115,6 +116,52 @@ fn int8_attention_keeps_the_top_1_of_f32_attention() {
     // The int8 products ran (the logits moved) wherever the CPU has a VNNI path for them.
     assert_eq!(worst > 0.0, Int8Attention::runs_on(selection), "largest change {worst}");
     assert!(int8_vs_f32 >= weights_vs_f32, "int8 attention: {int8_vs_f32} against {weights_vs_f32}");
+}
+
+/// The two encoders side by side (`Parallelism::Streams`: the audio encoder on a second
+/// thread) give the logits of each op split over the threads (`Ops`) and of one thread, bit
+/// for bit, on the tiny, demo and int8 demo models (the fixtures' inputs); `Auto` takes the
+/// lanes at the demo model's size and splits the ops of a batch big enough (streams.rs's
+/// tests: of encoders of unequal size).
+#[test]
+fn encoders_side_by_side_give_the_logits_of_one_thread() {
+    let selection = Selection::from_env().expect("MBT_EDGE_KERNEL");
+    for name in ["testdata/mbt-tiny.onnx", "avsynth-edge.onnx", "avsynth-edge-int8.onnx"] {
+        let model = repo().join("models").join(name);
+        let info = ModelInfo::read(&model).unwrap_or_else(|err| panic!("{err}"));
+        let load = |threads: usize, parallelism: Parallelism| {
+            ModelRuntime::load_with(&info, Runtime::Cpu, threads, selection, Int8Attention::Auto, parallelism)
+                .unwrap_or_else(|err| panic!("{err}"))
+        };
+        let fixture = model.with_extension("parity");
+        let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
+        let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
+        let batch = video_shape[0];
+        let mut one = load(1, Parallelism::Auto);
+        let want = one.run(batch, &video, &audio).unwrap();
+        assert_eq!(one.parallelism(batch), Some("one thread"));
+        for (parallelism, runs_as) in [(Parallelism::Streams, "streams"), (Parallelism::Ops, "ops")] {
+            let mut runtime = load(2, parallelism);
+            for round in 0..3 {
+                assert_eq!(runtime.run(batch, &video, &audio).unwrap(), want, "{name}: {runs_as}, round {round}");
+            }
+            assert_eq!(runtime.parallelism(batch), Some(runs_as), "{name}");
+        }
+        let mut auto = load(2, Parallelism::Auto);
+        auto.run(batch, &video, &audio).unwrap();
+        if name == "avsynth-edge.onnx" {
+            // Encoders of one size (128 tokens each) and small products: the lanes.
+            assert_eq!(auto.parallelism(batch), Some("streams"), "edge-small at batch {batch}");
+            // 32 windows: fc1 is 32 x 133 x 128 x 512 = 279 M multiply-adds; each op is split.
+            let many = 32;
+            let (v, a) = (video[..auto.video_len()].repeat(many), audio[..auto.audio_len()].repeat(many));
+            let logits = auto.run(many, &v, &a).unwrap();
+            assert_eq!(auto.parallelism(many), Some("ops"), "edge-small at batch {many}");
+            for (x, y) in logits[many - 1].fused.iter().zip(&want[0].fused) {
+                assert!((x - y).abs() < 1e-5, "the last of {many} windows against the first alone: {x} vs {y}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -46,6 +46,9 @@ struct BatchReport {
     timing: Timing,
     per_window_median_ms: f64,
     windows_per_second: f64,
+    /// How the batch used the threads ([`ModelRuntime::parallelism`]: `one thread`, `ops`,
+    /// `streams`).
+    parallelism: String,
 }
 
 #[derive(Serialize, Clone, Copy)]
@@ -123,8 +126,10 @@ pub fn bench(config: &Path, json: bool, runs: usize, batches: &[usize], also: &[
         }
         for (model_idx, samples) in samples.into_iter().enumerate() {
             let timing = Timing::of(samples);
+            let parallelism = runtimes[model_idx].parallelism(batch).unwrap_or("?").to_string();
             reports[model_idx].batches.push(BatchReport {
                 batch,
+                parallelism,
                 timing,
                 per_window_median_ms: timing.median_ms / batch as f64,
                 windows_per_second: batch as f64 / (timing.median_ms / 1e3),
@@ -160,7 +165,7 @@ fn print_table(report: &Report) {
         report.hop_seconds, report.preprocess.median_ms, report.preprocess.p90_ms
     );
     println!(
-        "{:<28} {:>5} {:>12} {:>12} {:>14} {:>12} {:>9}",
+        "{:<28} {:>5} {:>12} {:>12} {:>14} {:>12} {:>9}  threads as",
         "model file", "batch", "median ms", "p90 ms", "ms per window", "windows/s", "speed-up"
     );
     let first = report.models.first();
@@ -173,14 +178,15 @@ fn print_table(report: &Report) {
                 .map(|b| b.per_window_median_ms);
             let speedup = baseline.map_or(String::new(), |ms| format!("{:.2}x", ms / batch.per_window_median_ms));
             println!(
-                "{:<28} {:>5} {:>12.2} {:>12.2} {:>14.2} {:>12.1} {:>9}",
+                "{:<28} {:>5} {:>12.2} {:>12.2} {:>14.2} {:>12.1} {:>9}  {}",
                 file,
                 batch.batch,
                 batch.timing.median_ms,
                 batch.timing.p90_ms,
                 batch.per_window_median_ms,
                 batch.windows_per_second,
-                speedup
+                speedup,
+                batch.parallelism
             );
         }
     }

@@ -40,6 +40,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::Cost;
 use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
@@ -575,6 +576,11 @@ impl TypedOp for Linear {
         ensure!(fact.datum_type == f32::datum_type() && fact.rank() >= 2);
         let shape: TVec<TDim> = fact.shape.iter().cloned().collect();
         Ok(tvec!(f32::fact(self.out_shape(&shape))))
+    }
+
+    /// One multiply-add per input value and output column (`streams.rs` reads it).
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        Ok(tvec!((Cost::FMA(f32::datum_type()), inputs[0].shape.volume() * self.weights.n)))
     }
 }
 

@@ -38,6 +38,7 @@ pub(super) mod attention;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::Cost;
 use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cast::Cast;
@@ -351,6 +352,12 @@ impl TypedOp for Int8Linear {
                 f32::fact(shape)
             })
             .collect())
+    }
+
+    /// One multiply-add per input value and output column (`streams.rs` reads it).
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let columns: usize = self.outputs.iter().sum();
+        Ok(tvec!((Cost::FMA(u8::datum_type()), inputs[0].shape.volume() * columns)))
     }
 }
 

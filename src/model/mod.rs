@@ -12,6 +12,7 @@ mod int8;
 mod kernel;
 mod metadata;
 mod runtime;
+mod streams;
 
 pub use f32fuse::fuse as fuse_f32;
 pub use int8::attention::{INT8_ATTENTION_ENV, Int8Attention};
@@ -19,6 +20,7 @@ pub use int8::fuse as fuse_int8;
 pub use kernel::{KERNEL_ENV, Kernel, KernelError, Selection};
 pub use metadata::{AudioRecipe, ModelError, ModelInfo, ModelMetadata, VideoRecipe};
 pub use runtime::{Logits, ModelRuntime, probabilities, select_backend};
+pub use streams::{PARALLEL_ENV, Parallelism, ParallelismError};
 
 /// Shared by the model tests: fixed pseudo-random f32 inputs.
 #[cfg(test)]

@@ -21,6 +21,7 @@ use tract_cuda as _;
 
 use super::int8::attention::Int8Attention;
 use super::kernel::Selection;
+use super::streams::{Parallelism, STREAMS_BELOW, STREAMS_SHARE, StreamPlan, largest_product};
 use super::{ModelError, ModelInfo};
 use crate::config::Runtime as RuntimeChoice;
 
@@ -37,7 +38,7 @@ pub struct ModelRuntime {
     backend: &'static dyn TractRuntime,
     typed: TypedModel,
     batch_symbol: Option<Symbol>,
-    plans: HashMap<usize, Box<dyn Runnable>>,
+    plans: HashMap<usize, Plan>,
     video_input: Option<usize>,
     audio_input: Option<usize>,
     outputs: [Option<usize>; 3],
@@ -48,6 +49,7 @@ pub struct ModelRuntime {
     classes: usize,
     /// The model's threads (tract's executor; single-threaded for `threads = 1`).
     executor: Executor,
+    parallelism: Parallelism,
     selection: Selection,
     /// The int8 weight matmuls' path (None: none fused), and the int8 attention's with the
     /// fewest keys it takes (None: attention f32).
@@ -63,6 +65,12 @@ impl std::fmt::Debug for ModelRuntime {
             .field("kernel", &self.selection)
             .finish()
     }
+}
+
+/// A plan for one batch size: tract's, or the two encoders side by side (`streams.rs`).
+enum Plan {
+    Tract(Box<dyn Runnable>),
+    Streams(Box<StreamPlan>),
 }
 
 /// Picks the tract runtime for `choice`; says plainly why CUDA is not used.
@@ -96,21 +104,25 @@ pub fn select_backend(choice: RuntimeChoice) -> Result<&'static dyn TractRuntime
 impl ModelRuntime {
     /// Loads `info`'s model for `choice` with `threads` threads, the fused ops on the kernel
     /// path `MBT_EDGE_KERNEL` selects (by default the best this CPU has), an int8 model's
-    /// attention products in int8 unless `MBT_EDGE_INT8_ATTENTION=0`.
+    /// attention products in int8 unless `MBT_EDGE_INT8_ATTENTION=0`, its threads used as
+    /// `MBT_EDGE_PARALLEL` says (by default: per op for big ops, per encoder for small ones).
     pub fn load(info: &ModelInfo, choice: RuntimeChoice, threads: usize) -> Result<ModelRuntime, ModelError> {
-        let selection = Selection::from_env()
-            .map_err(|err| ModelError::Mismatch { path: info.path.clone(), message: err.to_string() })?;
-        ModelRuntime::load_with(info, choice, threads, selection, Int8Attention::from_env())
+        let mismatch = |message: String| ModelError::Mismatch { path: info.path.clone(), message };
+        let selection = Selection::from_env().map_err(|err| mismatch(err.to_string()))?;
+        let parallelism = Parallelism::from_env().map_err(|err| mismatch(err.to_string()))?;
+        ModelRuntime::load_with(info, choice, threads, selection, Int8Attention::from_env(), parallelism)
     }
 
-    /// [`ModelRuntime::load`] with the kernel path given, and when an int8 model runs its
-    /// attention products in int8 (where the CPU has VNNI) (tests, benchmarks).
+    /// [`ModelRuntime::load`] with the kernel path given, when an int8 model runs its
+    /// attention products in int8 (where the CPU has VNNI), and how it uses its threads
+    /// (tests, benchmarks).
     pub fn load_with(
         info: &ModelInfo,
         choice: RuntimeChoice,
         threads: usize,
         selection: Selection,
         int8_attention: Int8Attention,
+        parallelism: Parallelism,
     ) -> Result<ModelRuntime, ModelError> {
         let mismatch = |message: String| ModelError::Mismatch { path: info.path.clone(), message };
         if let Selection::Fused(kernel) = selection
@@ -212,6 +224,7 @@ impl ModelRuntime {
             classes: metadata.labels.len(),
             typed,
             executor,
+            parallelism,
             selection,
             int8: int8_model,
             int8_attention: attention,
@@ -261,7 +274,18 @@ impl ModelRuntime {
         self.audio_len
     }
 
-    fn plan(&mut self, batch: usize) -> TractResult<&dyn Runnable> {
+    /// How a batch of `batch` windows uses the model's threads: `one thread`, `ops` (each op
+    /// split over them) or `streams` (the encoders side by side), once that batch has run
+    /// (batch 1 has from load).
+    pub fn parallelism(&self, batch: usize) -> Option<&'static str> {
+        self.plans.get(&batch).map(|plan| match (plan, &self.executor) {
+            (Plan::Streams(_), _) => "streams",
+            (Plan::Tract(_), Executor::MultiThread(_)) => "ops",
+            (Plan::Tract(_), _) => "one thread",
+        })
+    }
+
+    fn plan(&mut self, batch: usize) -> TractResult<&Plan> {
         if !self.plans.contains_key(&batch) {
             let model = match &self.batch_symbol {
                 Some(symbol) => {
@@ -271,10 +295,32 @@ impl ModelRuntime {
                 None if batch == 1 => self.typed.clone(),
                 None => bail!("the model has no symbolic `batch` dimension; only batch 1 runs"),
             };
-            let runnable = self.backend.prepare(model)?;
-            self.plans.insert(batch, runnable);
+            let plan = self.prepare(model)?;
+            self.plans.insert(batch, plan);
         }
-        Ok(self.plans[&batch].as_ref())
+        Ok(&self.plans[&batch])
+    }
+
+    /// The plan for `model` (its batch set): on the CPU with threads, the two encoders side by
+    /// side where `parallelism` says so (for `auto`: small ops and encoders of about one
+    /// size) and the graph has both; else tract's plan, each op split over the threads.
+    fn prepare(&self, model: TypedModel) -> TractResult<Plan> {
+        let threaded = matches!(self.executor, Executor::MultiThread(_));
+        if self.backend.name() != "cpu" || !threaded || self.parallelism == Parallelism::Ops {
+            return Ok(Plan::Tract(self.backend.prepare(model)?));
+        }
+        let optimized = model.into_optimized()?;
+        let largest = largest_product(&optimized);
+        let (forced, auto) = (self.parallelism == Parallelism::Streams, self.parallelism == Parallelism::Auto);
+        if (forced || (auto && largest < STREAMS_BELOW))
+            && let (Some(video), Some(audio)) = (self.video_input, self.audio_input)
+            && let Some(plan) = StreamPlan::new(optimized.clone(), video, audio)?
+            && (forced || plan.busiest_share() <= STREAMS_SHARE)
+        {
+            tracing::debug!(largest, lanes = ?plan.lane_sizes(), share = plan.busiest_share(), "the encoders side by side");
+            return Ok(Plan::Streams(Box::new(plan)));
+        }
+        Ok(Plan::Tract(Box::new(TypedSimplePlan::new(optimized)?)))
     }
 
     /// Runs `batch` windows: `video` holds `batch * video_len` floats, `audio` `batch * audio_len`.
@@ -296,12 +342,18 @@ impl ModelRuntime {
         let executor = self.executor.clone();
         let plan = self.plan(batch)?;
         let inputs: TVec<TValue> = inputs.into_iter().map(|(_, tensor)| tensor.into_tvalue()).collect();
-        // On a pool thread, with the pool as tract's executor for this run: tract's products
-        // and the fused ops (kernel::split_rows) then share the model's threads.
-        let run = || multithread_tract_scope(executor.clone(), || plan.run(inputs));
-        let outputs = match &executor {
-            Executor::MultiThread(pool) => pool.install(run)?,
-            _ => run()?,
+        let outputs = match plan {
+            // The video lane on this thread, the audio lane on one of the pool's.
+            Plan::Streams(plan) => plan.run(&executor, inputs)?,
+            Plan::Tract(plan) => {
+                // On a pool thread, with the pool as tract's executor for this run: tract's
+                // products and the fused ops (kernel::split_rows) share the model's threads.
+                let run = || multithread_tract_scope(executor.clone(), || plan.run(inputs));
+                match &executor {
+                    Executor::MultiThread(pool) => pool.install(run)?,
+                    _ => run()?,
+                }
+            }
         };
         let read = |ix: Option<usize>| -> TractResult<Option<Vec<f32>>> {
             let Some(ix) = ix else { return Ok(None) };
@@ -349,8 +401,15 @@ mod tests {
     fn parity(model: &Path, selection: Selection, threads: usize) -> f32 {
         let fixture = model.with_extension("parity");
         let info = ModelInfo::read(model).unwrap_or_else(|err| panic!("{err}"));
-        let mut runtime = ModelRuntime::load_with(&info, RuntimeChoice::Cpu, threads, selection, Int8Attention::Off)
-            .unwrap_or_else(|err| panic!("{err}"));
+        let mut runtime = ModelRuntime::load_with(
+            &info,
+            RuntimeChoice::Cpu,
+            threads,
+            selection,
+            Int8Attention::Off,
+            Parallelism::Auto,
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
         let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
         let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
         let batch = video_shape[0];
