@@ -70,24 +70,28 @@ fn int8_model_matches_its_onnxruntime_outputs() {
 /// N(0, 1)-like, as the parity fixtures): the top-1 class of the fused, audio and video logits
 /// agrees with f32 attention on every window, and moves no more often against the f32 model
 /// than the int8 weights alone do. Prints the agreement and the largest logit change.
+/// `MBT_EDGE_TOP1_MODELS=F32,INT8` runs another pair instead (the vit-base export and its
+/// int8 file, too big to commit: BENCHMARKS.md), `MBT_EDGE_TOP1_WINDOWS=N` on N windows.
 #[test]
 fn int8_attention_keeps_the_top_1_of_f32_attention() {
     let selection = Selection::from_env().expect("MBT_EDGE_KERNEL");
+    let pair = std::env::var("MBT_EDGE_TOP1_MODELS").unwrap_or_else(|_| "avsynth-edge.onnx,avsynth-edge-int8.onnx".into());
+    let (f32_file, int8_file) = pair.split_once(',').expect("MBT_EDGE_TOP1_MODELS=F32,INT8");
     let load = |name: &str, int8_attention: Int8Attention| {
         let info = ModelInfo::read(&repo().join("models").join(name)).unwrap_or_else(|err| panic!("{err}"));
         ModelRuntime::load_with(&info, Runtime::Cpu, 2, selection, int8_attention, Parallelism::Auto)
             .unwrap_or_else(|err| panic!("{err}"))
     };
     // `Always`: edge-small's 129-133 keys are fewer than the default takes.
-    let mut int8 = load("avsynth-edge-int8.onnx", Int8Attention::Always);
-    let mut int8_f32_attention = load("avsynth-edge-int8.onnx", Int8Attention::Off);
-    let mut f32 = load("avsynth-edge.onnx", Int8Attention::Off);
+    let mut int8 = load(int8_file, Int8Attention::Always);
+    let mut int8_f32_attention = load(int8_file, Int8Attention::Off);
+    let mut f32 = load(f32_file, Int8Attention::Off);
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let mut uniform = move || {
         state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     };
-    let windows = 32;
+    let windows = std::env::var("MBT_EDGE_TOP1_WINDOWS").map_or(32, |n| n.parse().expect("MBT_EDGE_TOP1_WINDOWS"));
     let video: Vec<f32> = (0..windows * int8.video_len()).map(|_| uniform()).collect();
     // A sum of three uniforms: mean 0, variance 1, as the fixtures' normal audio.
     let audio: Vec<f32> = (0..windows * int8.audio_len()).map(|_| uniform() + uniform() + uniform()).collect();
