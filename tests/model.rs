@@ -75,7 +75,8 @@ fn int8_model_matches_its_onnxruntime_outputs() {
 #[test]
 fn int8_attention_keeps_the_top_1_of_f32_attention() {
     let selection = Selection::from_env().expect("MBT_EDGE_KERNEL");
-    let pair = std::env::var("MBT_EDGE_TOP1_MODELS").unwrap_or_else(|_| "avsynth-edge.onnx,avsynth-edge-int8.onnx".into());
+    let pair =
+        std::env::var("MBT_EDGE_TOP1_MODELS").unwrap_or_else(|_| "avsynth-edge.onnx,avsynth-edge-int8.onnx".into());
     let (f32_file, int8_file) = pair.split_once(',').expect("MBT_EDGE_TOP1_MODELS=F32,INT8");
     let load = |name: &str, int8_attention: Int8Attention| {
         let info = ModelInfo::read(&repo().join("models").join(name)).unwrap_or_else(|err| panic!("{err}"));

@@ -1516,18 +1516,28 @@ fn fuse_attention(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> 
 
 /// Runs every [`Attention`] of `model` with both products in integers on `path` for heads of
 /// at least `min_keys` keys (`int8/attention.rs`: for int8 models, whose weight matmuls are
-/// int8 already); returns how many it set. Heads the path does not take (fewer keys, V's head
-/// size not a multiple of 16) stay f32.
-pub fn int8_attention(model: &mut TypedModel, path: Int8Path, min_keys: usize) -> usize {
-    let mut count = 0;
-    for node in &mut model.nodes {
-        if let Some(op) = node.op_as::<Attention>() {
-            let op = Attention { kernel: op.kernel, int8: Some((path, min_keys)) };
-            node.op = Box::new(op);
-            count += 1;
+/// int8 already); returns how many ops it set and how many of them the path takes (their
+/// keys and V's head size known from the graph). Heads the path does not take (fewer keys,
+/// V's head size not a multiple of 16) stay f32.
+pub fn int8_attention(model: &mut TypedModel, path: Int8Path, min_keys: usize) -> (usize, usize) {
+    let (mut count, mut taken) = (0, 0);
+    for ix in 0..model.nodes.len() {
+        let Some(op) = model.nodes[ix].op_as::<Attention>() else { continue };
+        let op = Attention { kernel: op.kernel, int8: Some((path, min_keys)) };
+        // K [a, n, h, d] and V [a, n, h, dv]: a head of n keys and dv values.
+        let dim = |input: usize, axis: usize| {
+            let facts = model.node_input_facts(ix).ok()?;
+            facts.get(input)?.shape.get(axis)?.to_usize().ok()
+        };
+        if let (Some(n), Some(dv)) = (dim(1, 1), dim(2, 3))
+            && attention8::takes(path, n, dv, min_keys)
+        {
+            taken += 1;
         }
+        model.nodes[ix].op = Box::new(op);
+        count += 1;
     }
-    count
+    (count, taken)
 }
 
 /// How many of this module's ops the model holds.
@@ -1894,7 +1904,8 @@ mod tests {
                 let mut int8s = f32s.clone();
                 let ops = f32s.nodes.iter().filter(|n| n.op_as::<Attention>().is_some()).count();
                 assert!(ops > 0, "{what}: no attention fused");
-                assert_eq!(int8_attention(&mut int8s, path, attention8::MIN_KEYS), ops, "{what}");
+                let taken = if *int8 { ops } else { 0 };
+                assert_eq!(int8_attention(&mut int8s, path, attention8::MIN_KEYS), (ops, taken), "{what}");
                 let want = run(f32s, &x);
                 let pool = tract_linalg::multithread::Executor::multithread(3);
                 let threaded = tract_linalg::multithread::multithread_tract_scope(pool, || run(int8s.clone(), &x));

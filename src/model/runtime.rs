@@ -54,7 +54,7 @@ pub struct ModelRuntime {
     /// The int8 weight matmuls' path (None: none fused), and the int8 attention's with the
     /// fewest keys it takes (None: attention f32).
     int8: Option<super::int8::Int8Path>,
-    int8_attention: Option<(super::int8::Int8Path, usize)>,
+    int8_attention: Option<(super::int8::Int8Path, usize, usize)>,
 }
 
 impl std::fmt::Debug for ModelRuntime {
@@ -188,10 +188,13 @@ impl ModelRuntime {
         }
         // An int8 model's attention products in integers as well (int8/attention.rs), unless
         // told not to (MBT_EDGE_INT8_ATTENTION=0); f32 models keep them f32.
-        let attention = int8_model.and_then(super::int8::attention::path_for).zip(int8_attention.min_keys());
-        if let Some((path, min_keys)) = attention {
-            let count = super::f32fuse::int8_attention(&mut typed, path, min_keys);
-            tracing::debug!(count, ?path, min_keys, "attention products in int8");
+        let mut attention = None;
+        if let Some((path, min_keys)) =
+            int8_model.and_then(super::int8::attention::path_for).zip(int8_attention.min_keys())
+        {
+            let (count, taken) = super::f32fuse::int8_attention(&mut typed, path, min_keys);
+            tracing::debug!(count, taken, ?path, min_keys, "attention products in int8");
+            attention = Some((path, min_keys, taken));
         }
         let input_outlets = typed.input_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
         let output_outlets = typed.output_outlets().map_err(|err| mismatch(format!("{err:#}")))?.to_vec();
@@ -243,15 +246,19 @@ impl ModelRuntime {
     }
 
     /// What runs in int8: `f32` for none; else the weight matmuls' path and, where they run
-    /// in int8 too, the attention products' (`int8 vnni512, attention int8 vnni512 (heads of
-    /// >= 256 keys)`).
+    /// in int8 too, the attention products' (`int8 vnni512, attention int8 vnni512 in 24 ops
+    /// (heads of >= 256 keys)`, or `attention f32 (no head of >= 256 keys)`).
     pub fn precision(&self) -> String {
         let name = |path: super::int8::Int8Path| format!("{path:?}").to_ascii_lowercase();
         match (self.int8, self.int8_attention) {
             (None, _) => "f32".to_string(),
             (Some(path), None) => format!("int8 {}, attention f32", name(path)),
-            (Some(path), Some((attention, keys))) => {
-                format!("int8 {}, attention int8 {} (heads of >= {keys} keys)", name(path), name(attention))
+            (Some(path), Some((_, keys, 0))) => {
+                format!("int8 {}, attention f32 (no head of >= {keys} keys)", name(path))
+            }
+            (Some(path), Some((attention, keys, ops))) => {
+                let heads = if keys <= 1 { "every head".to_string() } else { format!("heads of >= {keys} keys") };
+                format!("int8 {}, attention int8 {} in {ops} ops ({heads})", name(path), name(attention))
             }
         }
     }
