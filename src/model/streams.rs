@@ -130,6 +130,35 @@ pub struct StreamPlan {
     outputs: Vec<OutletId>,
     /// The multiply-adds of each lane's products.
     work: [u64; 2],
+    /// This plan's own session: ops key their scratch by (session, node), so two plans may
+    /// not share one (tract's products memoise their output layout per node id).
+    session: SessionId,
+}
+
+impl Drop for StreamPlan {
+    /// Releases the scratch the ops keep for this plan's session on this thread (the calling
+    /// thread, lane 0's; the pool's threads drop theirs with the pool).
+    fn drop(&mut self) {
+        for (ix, node) in self.model.nodes().iter().enumerate() {
+            node.op.drop_session(self.session, ix);
+        }
+    }
+}
+
+/// A session id of its own, which only tract hands out (`SessionId::next` is private): the
+/// one its plan gives the single node of a throwaway model, read in that node's evaluation.
+fn new_session() -> TractResult<SessionId> {
+    let mut model = TypedModel::default();
+    let source = model.add_source("x", f32::fact([1]))?;
+    model.select_output_outlets(&[source])?;
+    let plan = TypedSimplePlan::new(model)?;
+    let mut state = plan.spawn()?;
+    let mut session = None;
+    state.run_plan_with_eval(tvec!(tensor1(&[0f32]).into_tvalue()), |ctx, _, _, inputs| {
+        session = Some(ctx.session);
+        Ok::<_, anyhow::Error>(inputs)
+    })?;
+    session.context("tract evaluated no node")
 }
 
 /// What a lane returns when it stopped because the other failed.
@@ -162,7 +191,7 @@ impl StreamPlan {
             return Ok(None);
         }
         for &n in &order {
-            if model.node(n).op.state(&TurnState::default().context(SessionId::NONE, n))?.is_some() {
+            if model.node(n).op.state(&EvalContext::out_of_plan())?.is_some() {
                 return Ok(None);
             }
         }
@@ -228,7 +257,8 @@ impl StreamPlan {
             reads[output.node] += 1;
         }
         let work = [0, 1].map(|lane: usize| lanes[lane].iter().map(|&n| multiply_adds(&model, n)).sum());
-        Ok(Some(StreamPlan { model, lanes, reads, crossing, inputs: input_nodes, outputs, work }))
+        let session = new_session()?;
+        Ok(Some(StreamPlan { model, lanes, reads, crossing, inputs: input_nodes, outputs, work, session }))
     }
 
     /// The busier lane's share of the products' multiply-adds: 0.5 for encoders of one size
@@ -346,7 +376,7 @@ impl Turn<'_> {
                 }
                 let node = self.plan.model.node(n);
                 let inputs = node.inputs.iter().map(|&input| self.take(input)).collect::<TractResult<TVec<_>>>()?;
-                let values = node.op.eval(&state.context(SessionId::NONE, n), inputs).with_context(|| {
+                let values = node.op.eval(&state.context(self.plan.session, n), inputs).with_context(|| {
                     format!("evaluating {node} in the {} lane", if lane == 0 { "video" } else { "audio" })
                 })?;
                 self.set(n, values);
@@ -444,6 +474,18 @@ mod tests {
                 assert_eq!(got, want, "round {round}");
             }
         }
+    }
+
+    #[test]
+    fn each_plan_has_a_session_of_its_own() {
+        // Ops key their scratch by (session, node id): two plans of like graphs on one thread
+        // must not share it.
+        let (a, b) = (
+            StreamPlan::new(graph(false), 0, 1).unwrap().unwrap(),
+            StreamPlan::new(graph(false), 0, 1).unwrap().unwrap(),
+        );
+        assert_ne!(a.session, b.session);
+        assert_ne!(a.session, SessionId::NONE);
     }
 
     #[test]
