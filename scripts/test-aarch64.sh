@@ -42,11 +42,12 @@ file "$bin" | grep -q "ARM aarch64" || { echo "test-aarch64: $bin is not an aarc
 echo "   newest glibc symbol: $(readelf -V --wide "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)"
 done_step
 
-step "model parity under qemu (tests/model.rs: tract's aarch64 kernels against the fixtures)"
+step "model parity under qemu (tests/model.rs: tract's aarch64 kernels against the fixtures, the encoders side by side)"
 # The check-config tests of tests/model.rs start the binary as a child, which the kernel
 # cannot exec without binfmt; they are architecture-independent and run on x86.
 cargo test --release --locked --target "$target" --test model -- \
-    matches_pytorch matches_its_onnxruntime_outputs give_the_same_logits cuda_without_a_driver --show-output
+    matches_pytorch matches_its_onnxruntime_outputs give_the_same_logits encoders_side_by_side \
+    cuda_without_a_driver --show-output
 done_step
 
 step "feature and model unit tests under qemu (log-mel against NumPy, frames, every kernel path)"
