@@ -8,16 +8,17 @@
 //! fused logits). A node's stream comes from its inputs': a node reading audio and video is
 //! joint, and one reading one encoder's tokens and a joint value (a fusion layer reading the
 //! bottleneck) stays with that encoder; a node computed from no input (a constant) goes with
-//! its first consumer. Each lane runs its nodes in the graph's
-//! evaluation order and waits only where it reads a value the other lane makes, once per
-//! fusion layer. Both lanes follow one topological order, so neither can wait on a node the
-//! other has yet to reach through it: no deadlock.
+//! its first consumer. Each lane runs its nodes in the graph's evaluation order and waits
+//! only where it reads a value the other lane makes, once per fusion layer. Both lanes follow
+//! one topological order, so neither can wait on a node the other has yet to reach through
+//! it: no deadlock.
 //!
 //! Per-op splitting (`kernel::split_rows`, tract's own multithreaded products) pays where
-//! ops are big (the paper-size model: about 1.7x on 2 threads) and costs where they are
-//! small: at edge-small's size (d = 128, 129 tokens) waking the pool for each of some 150 ops
-//! made 2 threads slower than 1. Two lanes synchronise a handful of times per window instead.
-//! Two lanes gain at most the sum of their work over the busier one's: 2x for encoders of
+//! ops are big (the paper-size model: 1.8x on 2 threads) and costs where they are small: at
+//! edge-small's size (d = 128, 129 tokens) waking the pool for each of some 150 ops made 2
+//! threads slower than 1 on an Emerald Rapids Xeon, and 1.45x faster on a Zen 4 EPYC, where
+//! the lanes give 1.8x (BENCHMARKS.md). Two lanes synchronise a few times per window. Two
+//! lanes gain at most the sum of their work over the busier one's: 2x for encoders of
 //! one size (edge-small: 128 video and 128 audio tokens), 1.25x for the paper's (1568 video
 //! tokens against 400 audio). [`Parallelism`] picks one per plan: `auto` takes the lanes
 //! where the largest weight product at that batch is below [`STREAMS_BELOW`] multiply-adds
