@@ -352,10 +352,14 @@ impl Subscriber {
         Subscriber { child, output, _dir: dir }
     }
 
-    /// (topic, payload) pairs received so far.
+    /// (topic, payload) pairs received so far: whole lines only (mosquitto_sub's output may
+    /// be read while it writes a line, whose half would not parse).
     pub fn messages(&self) -> Vec<(String, String)> {
+        let mut bytes = std::fs::read(&self.output).unwrap_or_default();
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |last| last + 1);
+        bytes.truncate(whole);
         // Snapshots are JPEG bytes: read lossily (their lines are noise no test looks at).
-        String::from_utf8_lossy(&std::fs::read(&self.output).unwrap_or_default())
+        String::from_utf8_lossy(&bytes)
             .lines()
             .filter_map(|line| line.split_once(' ').map(|(topic, payload)| (topic.to_string(), payload.to_string())))
             .collect()
