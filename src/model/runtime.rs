@@ -52,7 +52,7 @@ pub struct ModelRuntime {
     parallelism: Parallelism,
     selection: Selection,
     /// The int8 weight matmuls' path (None: none fused), and the int8 attention's with the
-    /// fewest keys it takes (None: attention f32).
+    /// fewest keys it takes and how many attention ops have such heads (None: attention f32).
     int8: Option<super::int8::Int8Path>,
     int8_attention: Option<(super::int8::Int8Path, usize, usize)>,
 }
@@ -246,7 +246,7 @@ impl ModelRuntime {
     }
 
     /// What runs in int8: `f32` for none; else the weight matmuls' path and, where they run
-    /// in int8 too, the attention products' (`int8 vnni512, attention int8 vnni512 in 24 ops
+    /// in int8 too, the attention products' (`int8 vnni512, attention int8 vnni512 in 30 ops
     /// (heads of >= 256 keys)`, or `attention f32 (no head of >= 256 keys)`).
     pub fn precision(&self) -> String {
         let name = |path: super::int8::Int8Path| format!("{path:?}").to_ascii_lowercase();
