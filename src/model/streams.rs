@@ -321,10 +321,15 @@ impl Turn<'_> {
         *self.values[node].lock().unwrap_or_else(|poison| poison.into_inner()) = Some(values);
         self.ready[node].store(true, Ordering::Release);
         if self.plan.crossing[node] {
-            // Under the lock, so a lane between its check and its wait cannot miss it.
-            let _guard = self.signal.0.lock().unwrap_or_else(|poison| poison.into_inner());
-            self.signal.1.notify_all();
+            self.wake();
         }
+    }
+
+    /// Wakes a lane waiting in [`Turn::take`], after a value it may wait for is ready or the
+    /// run has failed: under the lock, so a lane between its check and its wait cannot miss it.
+    fn wake(&self) {
+        let _guard = self.signal.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        self.signal.1.notify_all();
     }
 
     /// Output `outlet` once it is there (made by this lane, or waited for from the other);
@@ -363,8 +368,7 @@ impl Turn<'_> {
             fn drop(&mut self) {
                 if !self.1 {
                     self.0.failed.store(true, Ordering::Release);
-                    let _guard = self.0.signal.0.lock().unwrap_or_else(|poison| poison.into_inner());
-                    self.0.signal.1.notify_all();
+                    self.0.wake();
                 }
             }
         }
