@@ -1539,11 +1539,11 @@ pub fn int8_attention(model: &mut TypedModel, path: Int8Path, min_keys: usize) -
         let Some(op) = model.nodes[ix].op_as::<Attention>() else { continue };
         let op = Attention { kernel: op.kernel, int8: Some((path, min_keys)) };
         // K [a, n, h, d] and V [a, n, h, dv]: a head of n keys and dv values.
-        let dim = |input: usize, axis: usize| {
-            let facts = model.node_input_facts(ix).ok()?;
-            facts.get(input)?.shape.get(axis)?.to_usize().ok()
-        };
-        if let (Some(n), Some(dv)) = (dim(1, 1), dim(2, 3))
+        let head = model.node_input_facts(ix).ok().and_then(|facts| {
+            let dim = |input: usize, axis: usize| facts.get(input)?.shape.get(axis)?.to_usize().ok();
+            Some((dim(1, 1)?, dim(2, 3)?))
+        });
+        if let Some((n, dv)) = head
             && attention8::takes(path, n, dv, min_keys)
         {
             taken += 1;
