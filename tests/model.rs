@@ -13,6 +13,14 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The inputs of `model`'s parity fixture (`NAME.parity/`): (batch, video, audio).
+fn fixture_inputs(model: &Path) -> (usize, Vec<f32>, Vec<f32>) {
+    let fixture = model.with_extension("parity");
+    let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
+    let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
+    (video_shape[0], video, audio)
+}
+
 /// Runs the fixture inputs of `model` through tract and compares every output with the
 /// PyTorch values within `tolerance` (absolute, on logits).
 /// (An int8 model's attention products stay f32 here, as onnxruntime runs them: the int8
@@ -23,9 +31,7 @@ fn check_parity(model: &Path, tolerance: f32) {
     let selection = Selection::from_env().expect("MBT_EDGE_KERNEL");
     let mut runtime = ModelRuntime::load_with(&info, Runtime::Cpu, 1, selection, Int8Attention::Off, Parallelism::Auto)
         .unwrap_or_else(|err| panic!("{err}"));
-    let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
-    let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
-    let batch = video_shape[0];
+    let (batch, video, audio) = fixture_inputs(model);
     let logits = runtime.run(batch, &video, &audio).expect("tract runs the model");
     let mut worst = 0f32;
     for (name, pick) in [("logits", 0), ("logits_audio", 1), ("logits_video", 2)] {
@@ -138,10 +144,7 @@ fn encoders_side_by_side_give_the_logits_of_one_thread() {
             ModelRuntime::load_with(&info, Runtime::Cpu, threads, selection, Int8Attention::Auto, parallelism)
                 .unwrap_or_else(|err| panic!("{err}"))
         };
-        let fixture = model.with_extension("parity");
-        let (video_shape, video) = read_npy(&fixture.join("video.npy")).expect("video.npy");
-        let (_, audio) = read_npy(&fixture.join("audio.npy")).expect("audio.npy");
-        let batch = video_shape[0];
+        let (batch, video, audio) = fixture_inputs(&model);
         let mut one = load(1, Parallelism::Auto);
         let want = one.run(batch, &video, &audio).unwrap();
         assert_eq!(one.parallelism(batch), Some("one thread"));
@@ -187,10 +190,7 @@ fn int8_batches_give_the_same_logits_as_single_windows() {
 fn batches_match_single_windows(model: &Path) {
     let info = ModelInfo::read(model).unwrap();
     let mut runtime = ModelRuntime::load(&info, Runtime::Cpu, 1).unwrap();
-    let fixture = model.with_extension("parity");
-    let (video_shape, video) = read_npy(&fixture.join("video.npy")).unwrap();
-    let (_, audio) = read_npy(&fixture.join("audio.npy")).unwrap();
-    let batch = video_shape[0];
+    let (batch, video, audio) = fixture_inputs(model);
     let together = runtime.run(batch, &video, &audio).unwrap();
     for row in 0..batch {
         let v = &video[row * runtime.video_len()..(row + 1) * runtime.video_len()];
