@@ -44,11 +44,11 @@ use tract_onnx::tract_core::ops::Cost;
 use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
-use tract_onnx::tract_core::ops::cnn::{MaxPool, PaddingSpec};
+use tract_onnx::tract_core::ops::cnn::{Conv, MaxPool, PaddingSpec};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::{ElementWiseMiniOp, ElementWiseOp};
 use tract_onnx::tract_core::ops::math::{Exp, Recip};
-use tract_onnx::tract_core::ops::nn::{GeluApproximate, Reduce, Reducer, RmsNorm, Softmax, SoftmaxKind};
+use tract_onnx::tract_core::ops::nn::{DataFormat, GeluApproximate, Reduce, Reducer, RmsNorm, Softmax, SoftmaxKind};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -646,6 +646,242 @@ impl Linear {
             }
         }
     }
+}
+
+// ---- patch embeddings -------------------------------------------------------------------
+
+/// A convolution whose stride is its kernel (no padding, dilation or groups): a patch
+/// embedding, as MBT's video and audio tokenizers are. Each output position reads its own
+/// patch, so the conv is one weight matmul over the patches: they are copied out as rows
+/// (`[n * ph * pw, c * kh * kw]`, in the input's layout order) and run through [`Linear`];
+/// a channels-first output is then transposed per batch entry. tract runs it as `Im2Col`
+/// and its own kernel, where a video frame gives a product of only 16 columns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatchLinear {
+    linear: Linear,
+    format: DataFormat,
+    channels: usize,
+    patch: [usize; 2],
+}
+
+impl Op for PatchLinear {
+    fn name(&self) -> StaticName {
+        "PatchLinearF32".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let (p, w) = (self.patch, &self.linear.weights);
+        Ok(vec![format!(
+            "{:?} patch {}x{} k: {} n: {} kernel: {}",
+            self.format, p[0], p[1], w.k, w.n, self.linear.kernel
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+thread_local! {
+    /// The patches as rows, and the product before a channels-first transpose.
+    static PATCH_BUFFERS: std::cell::RefCell<[Vec<f32>; 2]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+impl PatchLinear {
+    /// The input's batch, height and width, and the output's patch rows and columns.
+    fn geometry<D: DimLike>(&self, input: &[D]) -> TractResult<(D, [usize; 2], [usize; 2])> {
+        let shape = self.format.shape(input.to_vec())?;
+        ensure!(shape.hw_rank() == 2 && shape.c().to_usize()? == self.channels, "{}: input {input:?}", self.name());
+        let n = shape.n().cloned().unwrap_or_else(|| D::from(1usize));
+        let hw = [shape.hw_dims()[0].to_usize()?, shape.hw_dims()[1].to_usize()?];
+        ensure!(hw[0] >= self.patch[0] && hw[1] >= self.patch[1], "{}: input {input:?}", self.name());
+        Ok((n, hw, [hw[0] / self.patch[0], hw[1] / self.patch[1]]))
+    }
+
+    /// Copies the patches of `x` (`n` entries of `hw`) into `rows`, one patch per row, in
+    /// the input's order within a patch: `(c, y, x)` channels first, `(y, x, c)` last.
+    fn patches(&self, x: &[f32], n: usize, hw: [usize; 2], grid: [usize; 2], rows: &mut [f32]) {
+        let ([kh, kw], c) = (self.patch, self.channels);
+        let k = c * kh * kw;
+        let mut row = 0;
+        for b in 0..n {
+            for py in 0..grid[0] {
+                for px in 0..grid[1] {
+                    let out = &mut rows[row * k..][..k];
+                    if self.format.c_is_last() {
+                        for ky in 0..kh {
+                            let from = ((b * hw[0] + py * kh + ky) * hw[1] + px * kw) * c;
+                            out[ky * kw * c..][..kw * c].copy_from_slice(&x[from..][..kw * c]);
+                        }
+                    } else {
+                        for ch in 0..c {
+                            for ky in 0..kh {
+                                let from = ((b * c + ch) * hw[0] + py * kh + ky) * hw[1] + px * kw;
+                                out[(ch * kh + ky) * kw..][..kw].copy_from_slice(&x[from..][..kw]);
+                            }
+                        }
+                    }
+                    row += 1;
+                }
+            }
+        }
+    }
+}
+
+impl EvalOp for PatchLinear {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let shape = inputs[0].shape().to_vec();
+        let (n, hw, grid) = self.geometry(&shape)?;
+        let x = inputs[0].try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        ensure!(x.len() == n * self.channels * hw[0] * hw[1], "{}: input {shape:?}", self.name());
+        let (k, o) = (self.linear.weights.k, self.linear.weights.n);
+        let positions = grid[0] * grid[1];
+        let rows = n * positions;
+        let out_shape = self.out_shape(&shape)?;
+        // SAFETY: every value is written below (the product writes each of its `rows * o`
+        // values, or the transpose copies each of them) before the tensor is read.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let y = view.as_slice_mut::<f32>()?;
+            ensure!(y.len() == rows * o);
+            PATCH_BUFFERS.with_borrow_mut(|[patches, product]| {
+                patches.resize(rows * k, 0.0);
+                self.patches(x, n, hw, grid, patches);
+                if self.format.c_is_last() {
+                    self.linear.run(patches, rows, y);
+                } else {
+                    product.resize(rows * o, 0.0);
+                    self.linear.run(patches, rows, product);
+                    for (b, entry) in product.chunks_exact(positions * o).enumerate() {
+                        let y = &mut y[b * positions * o..][..positions * o];
+                        for (p, values) in entry.chunks_exact(o).enumerate() {
+                            for (ch, v) in values.iter().enumerate() {
+                                y[ch * positions + p] = *v;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for PatchLinear {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(self.out_shape(&inputs[0].shape.to_tvec())?)))
+    }
+
+    /// One multiply-add per patch value and output channel, as [`Linear`].
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let (n, _, grid) = self.geometry(&inputs[0].shape.to_tvec())?;
+        let w = &self.linear.weights;
+        Ok(tvec!((Cost::FMA(f32::datum_type()), n * (grid[0] * grid[1] * w.k * w.n))))
+    }
+}
+
+impl PatchLinear {
+    /// The conv's output shape: the input's layout with `n` output channels on the grid.
+    fn out_shape<D: DimLike>(&self, input: &[D]) -> TractResult<TVec<D>> {
+        let (n, _, grid) = self.geometry(input)?;
+        let shape = self.format.from_n_c_hw(n, D::from(self.linear.weights.n), [D::from(grid[0]), D::from(grid[1])])?;
+        Ok(shape.shape)
+    }
+}
+
+/// A [`PatchLinear`] for `node` if it is an f32 `Conv` with stride = kernel over two spatial
+/// axes, no padding, dilation, groups or quantisation, constant weights and bias, known
+/// channels and size, and output channels a multiple of [`PANEL`].
+fn match_patch_conv(model: &TypedModel, node: &TypedNode, kernel: Kernel) -> Option<PatchLinear> {
+    let conv = node.op_as::<Conv>()?;
+    let spec = &conv.pool_spec;
+    let patch: [usize; 2] = spec.kernel_shape.as_slice().try_into().ok()?;
+    let no_padding = match &spec.padding {
+        PaddingSpec::Valid => true,
+        PaddingSpec::Explicit(before, after) => before.iter().chain(after).all(|p| *p == 0),
+        _ => false,
+    };
+    let strided = spec.strides.as_deref() == Some(&patch[..]) || patch == [1, 1] && spec.strides.is_none();
+    let undilated = spec.dilations.as_ref().is_none_or(|d| d.iter().all(|d| *d == 1));
+    if conv.group != 1 || conv.q_params.is_some() || !no_padding || !strided || !undilated || node.inputs.len() != 3 {
+        return None;
+    }
+    let input = f32_fact(model, node.inputs[0])?;
+    let weights = model.outlet_fact(node.inputs[1]).ok()?.konst.clone()?;
+    let bias = model.outlet_fact(node.inputs[2]).ok()?.konst.clone()?;
+    if weights.datum_type() != f32::datum_type() || bias.datum_type() != f32::datum_type() || weights.rank() != 4 {
+        return None;
+    }
+    let shape = spec.data_format.shape(input.shape.to_tvec()).ok()?;
+    let c = shape.c().to_usize().ok()?;
+    let hw = [shape.hw_dims().first()?.to_usize().ok()?, shape.hw_dims().get(1)?.to_usize().ok()?];
+    let ws = weights.shape();
+    let fmt = conv.kernel_fmt;
+    let (o_axis, i_axis, h_axis) = (fmt.o_axis(ws), fmt.i_axis(ws), fmt.h_axis());
+    let o = ws[o_axis];
+    if ws[i_axis] != c || ws[h_axis..h_axis + 2] != patch || hw[0] < patch[0] || hw[1] < patch[1] {
+        return None;
+    }
+    if !o.is_multiple_of(PANEL) || !(bias.len() == o || bias.len() == 1) {
+        return None;
+    }
+    let (ws, strides) = (weights.try_as_plain_ram().ok()?, weights.strides().to_vec());
+    let ws = ws.as_slice::<f32>().ok()?;
+    let [kh, kw] = patch;
+    let k = c * kh * kw;
+    // `[k][o]` in the order `patches` writes a row: (c, y, x) channels first, else (y, x, c).
+    let mut plain = vec![0f32; k * o];
+    for oc in 0..o {
+        for ch in 0..c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let at = oc as isize * strides[o_axis]
+                        + ch as isize * strides[i_axis]
+                        + ky as isize * strides[h_axis]
+                        + kx as isize * strides[h_axis + 1];
+                    let row =
+                        if spec.data_format.c_is_last() { (ky * kw + kx) * c + ch } else { (ch * kh + ky) * kw + kx };
+                    plain[row * o + oc] = ws[at as usize];
+                }
+            }
+        }
+    }
+    let bias = bias.try_as_plain_ram().ok()?;
+    let bias = bias.as_slice::<f32>().ok()?;
+    let bias = if bias.len() == o { bias.to_vec() } else { vec![bias[0]; o] };
+    let weights = Arc::new(Panels::new(k, o, panel_width(kernel), &plain));
+    let linear = Linear { weights, bias, gelu: false, kernel };
+    Some(PatchLinear { linear, format: spec.data_format, channels: c, patch })
+}
+
+/// Replaces each patch-embedding conv by one [`PatchLinear`].
+fn fuse_patch_convs(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
+    let mut found = vec![];
+    for id in model.eval_order()? {
+        if let Some(op) = match_patch_conv(model, model.node(id), kernel) {
+            found.push((id, op));
+        }
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let count = found.len();
+    let mut patch = TypedModelPatch::default();
+    for (id, op) in found {
+        let node = model.node(id);
+        let input = patch.tap_model(model, node.inputs[0])?;
+        let new = patch.wire_node(format!("{}.f32patches", node.name), op, &[input])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), new)?;
+    }
+    patch.apply(model)?;
+    model.compact()?;
+    Ok(count)
 }
 
 // ---- attention products -----------------------------------------------------------------
@@ -1373,8 +1609,9 @@ fn match_linear(model: &TypedModel, add: &TypedNode) -> Option<LinearMatch> {
 }
 
 /// Replaces each softmax, LayerNorm and tanh-GELU chain of a decluttered f32 model by one
-/// [`RowOp`], then each weight matmul with its bias (and GELU) by one [`Linear`] and each
-/// attention product by one [`HeadProduct`], all on the f32 path of `kernel` (`amx` runs
+/// [`RowOp`], then each weight matmul with its bias (and GELU) by one [`Linear`], each
+/// patch-embedding conv by one [`PatchLinear`] and each attention product by one
+/// [`HeadProduct`], all on the f32 path of `kernel` (`amx` runs
 /// them on AVX-512); returns how many fused ops the model then holds. Refuses a path this
 /// CPU lacks.
 pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
@@ -1395,10 +1632,7 @@ pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
         }
     }
     if found.is_empty() {
-        fuse_linear(model, kernel)?;
-        fuse_head_products(model, kernel)?;
-        fuse_attention(model, kernel)?;
-        return Ok(fused_ops(model));
+        return fuse_products(model, kernel);
     }
     let mut patch = TypedModelPatch::default();
     let mut replaced: HashMap<OutletId, OutletId> = HashMap::new();
@@ -1414,7 +1648,13 @@ pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     }
     patch.apply(model)?;
     model.compact()?;
+    fuse_products(model, kernel)
+}
+
+/// The products of [`fuse`], after the row ops: weight matmuls, patch embeddings, attention.
+fn fuse_products(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     fuse_linear(model, kernel)?;
+    fuse_patch_convs(model, kernel)?;
     fuse_head_products(model, kernel)?;
     fuse_attention(model, kernel)?;
     Ok(fused_ops(model))
@@ -1559,6 +1799,7 @@ fn fused_ops(model: &TypedModel) -> usize {
     let ours = |n: &&TypedNode| {
         n.op_as::<RowOp>().is_some()
             || n.op_as::<Linear>().is_some()
+            || n.op_as::<PatchLinear>().is_some()
             || n.op_as::<HeadProduct>().is_some()
             || n.op_as::<Attention>().is_some()
     };
@@ -1610,9 +1851,8 @@ fn fuse_linear(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
 mod tests {
     use super::*;
     use crate::model::test_rng::Lcg;
-    use tract_onnx::tract_core::ops::cnn::PoolSpec;
+    use tract_onnx::tract_core::ops::cnn::{KernelFormat, PoolSpec};
     use tract_onnx::tract_core::ops::math;
-    use tract_onnx::tract_core::ops::nn::DataFormat;
 
     fn ew(op: impl ElementWiseMiniOp) -> ElementWiseOp {
         ElementWiseOp(Box::new(op), None)
@@ -1829,6 +2069,36 @@ mod tests {
             ("attention+softmax 2x150 tokens, 3x40", attention_softmax_model(2, 150, 3, 40), 1, 3.0, 1e-5),
             ("attention split at 129 of 133", attention_split_model(133, 4, 32, 129, false), 2, 3.0, 1e-5),
             ("attention split after softmax", attention_split_model(133, 4, 32, 129, true), 2, 3.0, 1e-5),
+            // Patch embeddings: edge-small's video frames (16 patches each) and audio; NHWC with
+            // HWIO weights; a size that leaves pixels past the last whole patch.
+            (
+                "patches 8x3x64x64 -> 128",
+                conv_model([8, 3, 64, 64], DataFormat::NCHW, KernelFormat::OIHW, 128, [16, 16], [16, 16]),
+                1,
+                1.0,
+                1e-5,
+            ),
+            (
+                "patches 1x1x256x128 -> 128",
+                conv_model([1, 1, 256, 128], DataFormat::NCHW, KernelFormat::OIHW, 128, [16, 16], [16, 16]),
+                1,
+                1.0,
+                1e-5,
+            ),
+            (
+                "patches NHWC 2x35x21x3 -> 64",
+                conv_model([2, 35, 21, 3], DataFormat::NHWC, KernelFormat::HWIO, 64, [8, 4], [8, 4]),
+                1,
+                1.0,
+                1e-5,
+            ),
+            (
+                "patches OHWI 2x2x20x33 -> 32",
+                conv_model([2, 2, 20, 33], DataFormat::NCHW, KernelFormat::OHWI, 32, [5, 8], [5, 8]),
+                1,
+                1.0,
+                1e-5,
+            ),
         ]
     }
 
@@ -2036,6 +2306,44 @@ mod tests {
         model
     }
 
+    /// A conv with kernel `patch`, stride `stride`, over `input` (in `format`), `o` output
+    /// channels, weights in `kernel_fmt`: a patch embedding where the stride is the patch.
+    fn conv_model(
+        input: [usize; 4],
+        format: DataFormat,
+        kernel_fmt: KernelFormat,
+        o: usize,
+        patch: [usize; 2],
+        stride: [usize; 2],
+    ) -> TypedModel {
+        let mut rng = Lcg(17);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(input)).unwrap();
+        let c = *format.shape(input.to_vec()).unwrap().c();
+        let [kh, kw] = patch;
+        let shape = match kernel_fmt {
+            KernelFormat::OIHW => [o, c, kh, kw],
+            KernelFormat::HWIO => [kh, kw, c, o],
+            KernelFormat::OHWI => [o, kh, kw, c],
+        };
+        let w: Vec<f32> = (0..o * c * kh * kw).map(|_| rng.next() * 0.1).collect();
+        let b: Vec<f32> = (0..o).map(|_| rng.next() * 0.05).collect();
+        let w = model.add_const("w", tensor1(&w).into_shape(&shape).unwrap()).unwrap();
+        let b = model.add_const("b", tensor1(&b)).unwrap();
+        let pool_spec = PoolSpec {
+            data_format: format,
+            kernel_shape: tvec!(kh, kw),
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides: Some(tvec!(stride[0], stride[1])),
+            input_channels: c,
+            output_channels: o,
+        };
+        let y = model.wire_node("conv", Conv::new(pool_spec, kernel_fmt, 1, None), &[x, w, b]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        model
+    }
+
     #[test]
     fn other_chains_are_left_alone() {
         // A max over part of the row is not a softmax's row max.
@@ -2051,6 +2359,9 @@ mod tests {
         assert_eq!(format!("{model:?}"), before);
         // A mean by another factor is not a LayerNorm's.
         let mut model = layer_norm_model_with(1, 3, 16, 0.5);
+        assert_eq!(fuse(&mut model, Kernel::Scalar).unwrap(), 0);
+        // Overlapping patches (stride below the kernel) are a conv, not a patch embedding.
+        let mut model = conv_model([1, 3, 32, 32], DataFormat::NCHW, KernelFormat::OIHW, 32, [16, 16], [8, 8]);
         assert_eq!(fuse(&mut model, Kernel::Scalar).unwrap(), 0);
     }
 }
