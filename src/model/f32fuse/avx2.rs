@@ -17,7 +17,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{EXP_HI, EXP_LO, GELU_A, SQRT_2_OVER_PI, scalar};
+use super::{EXP_HI, EXP_LO, EXP_POLY, GELU_C1, GELU_C3, scalar};
 
 /// Rows per micro-kernel call: 6 rows x 2 registers = 12 accumulators, plus the two weight
 /// registers and the broadcast, of 16.
@@ -30,7 +30,7 @@ const MC: usize = 72;
 /// while the row block's micro-kernels pass over it.
 const KC: usize = 384;
 
-/// exp of 8 lanes: `2^n * p(r)`, `x = n ln2 + r`, `|r| <= ln2/2`, p of degree 7 (as the
+/// exp of 8 lanes: `2^n * p(r)`, `x = n ln2 + r`, `|r| <= ln2/2`, p = `EXP_POLY` (as the
 /// AVX-512 path). `2^n` is built as two powers `2^(n/2) 2^(n - n/2)` so that n = 128 (at
 /// `EXP_HI`) and n = -126 stay in the normal exponent range of each factor.
 #[inline]
@@ -43,9 +43,9 @@ pub fn exp(x: __m256) -> __m256 {
     ));
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
-    let mut p = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
     }
     let ni = _mm256_cvtps_epi32(n);
     let half = _mm256_srai_epi32::<1>(ni);
@@ -125,9 +125,8 @@ pub fn softmax(row: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub fn gelu8(x: __m256) -> __m256 {
-    let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-    let y = _mm256_mul_ps(_mm256_set1_ps(SQRT_2_OVER_PI), _mm256_fmadd_ps(_mm256_set1_ps(GELU_A), x3, x));
-    let e = exp(_mm256_mul_ps(_mm256_set1_ps(-2.0), y));
+    let t = _mm256_fmadd_ps(_mm256_set1_ps(GELU_C3), _mm256_mul_ps(x, x), _mm256_set1_ps(GELU_C1));
+    let e = exp(_mm256_mul_ps(x, t));
     _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e))
 }
 
