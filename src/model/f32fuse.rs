@@ -348,6 +348,22 @@ mod avx512 {
         }
     }
 
+    /// `y += r` (equal lengths).
+    #[target_feature(enable = "avx512f")]
+    pub fn add_into(y: &mut [f32], r: &[f32]) {
+        assert_eq!(y.len(), r.len());
+        let mut ys = y.chunks_exact_mut(16);
+        let mut rs = r.chunks_exact(16);
+        for (y, r) in (&mut ys).zip(&mut rs) {
+            // SAFETY: 16 floats in each chunk.
+            unsafe {
+                let v = _mm512_add_ps(_mm512_loadu_ps(y.as_ptr()), _mm512_loadu_ps(r.as_ptr()));
+                _mm512_storeu_ps(y.as_mut_ptr(), v);
+            }
+        }
+        ys.into_remainder().iter_mut().zip(rs.remainder()).for_each(|(y, r)| *y += *r);
+    }
+
     /// `MR_` rows of `y = x . W + bias` for one panel of up to 32 columns (`cols`): `x` at
     /// row stride `xs`, `y` at row stride `ys`, the panel `w` of `k` x 32 (columns past `cols`
     /// are computed but not stored); `bias` null for none.
@@ -502,6 +518,17 @@ const MR: usize = 12;
 
 /// Columns per packed panel of weights on `kernel`'s path: 16 (two ymm registers) on AVX2,
 /// [`PANEL`] elsewhere. Whoever packs a panel and whoever reads it ask this of the same kernel.
+/// `y += r`, on the AVX-512 path where `kernel` is it.
+fn add_into(kernel: Kernel, y: &mut [f32], r: &[f32]) {
+    assert_eq!(y.len(), r.len());
+    match checked(kernel) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `checked` confirmed AVX-512F on this CPU.
+        Kernel::Avx512 => unsafe { avx512::add_into(y, r) },
+        _ => y.iter_mut().zip(r).for_each(|(y, r)| *y += *r),
+    }
+}
+
 fn panel_width(kernel: Kernel) -> usize {
     match kernel.f32_path() {
         Kernel::Avx2 => 16,
@@ -534,11 +561,15 @@ impl Panels {
 
 /// `y = x . W + bias` over the last axis of `x` (then tanh-GELU with `gelu`): an f32 weight
 /// matmul with its bias `Add` (and the GELU that follows fc1) as one op, weights packed once.
+/// With `residual`, a second input of the output's shape is added last (the residual `Add`
+/// after the attention's output projection and fc2), to each block of rows while it is still
+/// in cache.
 #[derive(Clone, Debug)]
 pub struct Linear {
     weights: Arc<Panels>,
     bias: Vec<f32>,
     gelu: bool,
+    residual: bool,
     kernel: Kernel,
 }
 
@@ -546,6 +577,7 @@ impl PartialEq for Linear {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.weights, &other.weights)
             && self.gelu == other.gelu
+            && self.residual == other.residual
             && self.kernel == other.kernel
             && self.bias.iter().map(|b| b.to_bits()).eq(other.bias.iter().map(|b| b.to_bits()))
     }
@@ -559,7 +591,8 @@ impl Op for Linear {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("k: {} n: {} gelu: {} kernel: {}", self.weights.k, self.weights.n, self.gelu, self.kernel)])
+        let (w, gelu, residual) = (&self.weights, self.gelu, self.residual);
+        Ok(vec![format!("k: {} n: {} gelu: {gelu} residual: {residual} kernel: {}", w.k, w.n, self.kernel)])
     }
 
     op_as_typed_op!();
@@ -576,13 +609,22 @@ impl EvalOp for Linear {
         ensure!(x.len().is_multiple_of(k), "LinearF32: input shape {shape:?}, K = {k}");
         let rows = x.len() / k;
         let out_shape = self.out_shape(&shape);
+        ensure!(inputs.len() == 1 + self.residual as usize, "LinearF32: {} inputs", inputs.len());
+        let residual = match inputs.get(1) {
+            Some(r) => {
+                ensure!(r.shape() == &out_shape[..], "LinearF32: residual {:?}, output {out_shape:?}", r.shape());
+                Some(r.try_as_plain_ram()?)
+            }
+            None => None,
+        };
+        let residual = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose()?;
         // SAFETY: `run` writes all `rows * n` values before the tensor is read.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let y = view.as_slice_mut::<f32>()?;
             ensure!(y.len() == rows * n);
-            self.run(x, rows, y);
+            self.run_with(x, rows, residual, y);
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -614,13 +656,21 @@ impl Linear {
 
     /// `rows` rows of `x` into `y`, the rows split over the model's threads.
     fn run(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.run_with(x, rows, None, y)
+    }
+
+    /// [`Self::run`], then `residual` (`rows * n` values) added to each part's rows.
+    fn run_with(&self, x: &[f32], rows: usize, residual: Option<&[f32]>, y: &mut [f32]) {
         let (k, n) = (self.weights.k, self.weights.n);
         if n == 0 {
             return;
         }
         split_rows(y, n, rows * k * n, |first, y| {
             let rows = y.len() / n;
-            self.run_rows(&x[first * k..][..rows * k], rows, y)
+            self.run_rows(&x[first * k..][..rows * k], rows, y);
+            if let Some(residual) = residual {
+                add_into(self.kernel, y, &residual[first * n..][..rows * n]);
+            }
         });
     }
 
@@ -862,7 +912,7 @@ fn match_patch_conv(model: &TypedModel, node: &TypedNode, kernel: Kernel) -> Opt
     let bias = bias.as_slice::<f32>().ok()?;
     let bias = if bias.len() == o { bias.to_vec() } else { vec![bias[0]; o] };
     let weights = Arc::new(Panels::new(k, o, panel_width(kernel), &plain));
-    let linear = Linear { weights, bias, gelu: false, kernel };
+    let linear = Linear { weights, bias, gelu: false, residual: false, kernel };
     Some(PatchLinear { linear, format: spec.data_format, channels: c, patch })
 }
 
@@ -1657,9 +1707,11 @@ pub fn fuse(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     fuse_products(model, kernel)
 }
 
-/// The products of [`fuse`], after the row ops: weight matmuls, patch embeddings, attention.
+/// The products of [`fuse`], after the row ops: weight matmuls (with the residual `Add`s
+/// after them), patch embeddings, attention.
 fn fuse_products(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     fuse_linear(model, kernel)?;
+    fuse_residuals(model)?;
     fuse_patch_convs(model, kernel)?;
     fuse_head_products(model, kernel)?;
     fuse_attention(model, kernel)?;
@@ -1812,6 +1864,59 @@ fn fused_ops(model: &TypedModel) -> usize {
     model.nodes.iter().filter(ours).count()
 }
 
+/// Folds each `Add` of a [`Linear`]'s output (read by nothing else, no GELU) and another f32
+/// value of the same shape into that op, as its residual.
+fn fuse_residuals(model: &mut TypedModel) -> TractResult<usize> {
+    let mut found = vec![];
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(add) = bin(node, "Add") else { continue };
+        let out = OutletId::new(id, 0);
+        let Some(out_fact) = f32_fact(model, out) else { continue };
+        for (ix, input) in add.inputs.iter().enumerate() {
+            let linear = model.node(input.node);
+            let other = add.inputs[1 - ix];
+            let same = |o: OutletId| f32_fact(model, o).is_some_and(|f| f.shape == out_fact.shape);
+            if let Some(op) = linear.op_as::<Linear>()
+                && !op.gelu
+                && !op.residual
+                && other != *input
+                && only_successor(model, linear, add)
+                && same(*input)
+                && same(other)
+            {
+                found.push((out, linear.id, other));
+                break;
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let count = found.len();
+    let mut patch = TypedModelPatch::default();
+    // A residual that is itself a replaced output (the next block's) reads the new op.
+    let mut replaced: HashMap<OutletId, OutletId> = HashMap::new();
+    for (out, linear, other) in found {
+        let node = model.node(linear);
+        let mut op = node.op_as::<Linear>().context("linear")?.clone();
+        op.residual = true;
+        let mut inputs = tvec![];
+        for outlet in [node.inputs[0], other] {
+            inputs.push(match replaced.get(&outlet) {
+                Some(&new) => new,
+                None => patch.tap_model(model, outlet)?,
+            });
+        }
+        let new = patch.wire_node(format!("{}.residual", node.name), op, &inputs)?[0];
+        patch.shunt_outside(model, out, new)?;
+        replaced.insert(out, new);
+    }
+    patch.apply(model)?;
+    model.compact()?;
+    Ok(count)
+}
+
 /// Replaces each f32 weight matmul with its bias (and GELU) by one [`Linear`].
 fn fuse_linear(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     let mut found = vec![];
@@ -1844,7 +1949,7 @@ fn fuse_linear(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
             Some(&new) => new,
             None => patch.tap_model(model, x)?,
         };
-        let new = patch.wire_node(name, Linear { weights, bias, gelu, kernel }, &[input])?[0];
+        let new = patch.wire_node(name, Linear { weights, bias, gelu, residual: false, kernel }, &[input])?[0];
         patch.shunt_outside(model, out, new)?;
         replaced.insert(out, new);
     }
@@ -2066,6 +2171,9 @@ mod tests {
             // k in three blocks on AVX2 (384 + 384 + 32): bias and GELU after a resumed block.
             ("linear+gelu 80x800x64", linear_model([1, 80, 800], 64, true, None), 1, 3.0, 1e-5),
             ("mlp", mlp_model(), 2, 3.0, 1e-5),
+            // Three Linear ops: proj and fc2 with their residual Adds folded in.
+            ("residual blocks 129x128", residual_model(129, 128, false), 3, 3.0, 1e-5),
+            ("residual blocks 2x64, matmul first", residual_model(2, 64, true), 3, 3.0, 1e-5),
             ("attention 129 tokens, 4x32", attention_model(1, 129, 4, 32), 2, 1.0, 1e-5),
             ("attention 2x7 tokens, 2x48", attention_model(2, 7, 2, 48), 2, 1.0, 1e-5),
             ("attention 40 tokens, 3x16", attention_model(1, 40, 3, 16), 2, 1.0, 1e-5),
@@ -2325,6 +2433,36 @@ mod tests {
         model
     }
 
+    /// Two residual blocks as a transformer layer has them: `a = x + proj(x)`, then
+    /// `a + fc2(gelu(fc1(a)))` (the second block's residual is the first's output); with
+    /// `swapped`, the residual `Add`s take the matmul first.
+    fn residual_model(rows: usize, d: usize, swapped: bool) -> TypedModel {
+        let mut rng = Lcg(19);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, rows, d])).unwrap();
+        let mut linear = |model: &mut TypedModel, name: &str, x: OutletId, k: usize, n: usize| {
+            let w: Vec<f32> = (0..k * n).map(|_| rng.next() * 0.1).collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.next() * 0.05).collect();
+            let w = model.add_const(format!("{name}.w"), tensor1(&w).into_shape(&[k, n]).unwrap()).unwrap();
+            let b = model.add_const(format!("{name}.b"), tensor1(&b).into_shape(&[1, 1, n]).unwrap()).unwrap();
+            let op = EinSum::new("amk,kn->amn".parse().unwrap(), f32::datum_type());
+            let y = model.wire_node(format!("{name}.mm"), op, &[x, w]).unwrap()[0];
+            model.wire_node(format!("{name}.add"), math::add(), &[b, y]).unwrap()[0]
+        };
+        let residual = |model: &mut TypedModel, name: &str, r: OutletId, y: OutletId| {
+            let inputs = if swapped { [y, r] } else { [r, y] };
+            model.wire_node(name, math::add(), &inputs).unwrap()[0]
+        };
+        let y = linear(&mut model, "proj", x, d, d);
+        let a = residual(&mut model, "res1", x, y);
+        let h = linear(&mut model, "fc1", a, d, 4 * d);
+        let h = model.wire_node("gelu", ew(GeluApproximate { fast_impl: false }), &[h]).unwrap()[0];
+        let y = linear(&mut model, "fc2", h, 4 * d, d);
+        let o = residual(&mut model, "res2", a, y);
+        model.select_output_outlets(&[o]).unwrap();
+        model
+    }
+
     /// Attention's two products as tract declutters them: `x` holds Q, K and V side by side
     /// (`[a, m, 3, h, d]` sliced), scores, softmax, mix.
     fn attention_model(a: usize, m: usize, h: usize, d: usize) -> TypedModel {
@@ -2378,6 +2516,27 @@ mod tests {
         let y = model.wire_node("conv", Conv::new(pool_spec, kernel_fmt, 1, None), &[x, w, b]).unwrap();
         model.select_output_outlets(&y).unwrap();
         model
+    }
+
+    #[test]
+    fn residual_adds_are_folded_into_the_products() {
+        let mut model = residual_model(5, 32, false);
+        fuse(&mut model, Kernel::Scalar).unwrap();
+        let residual = model.nodes.iter().filter(|n| n.op_as::<Linear>().is_some_and(|op| op.residual)).count();
+        let adds = model.nodes.iter().filter(|n| bin(n, "Add").is_some()).count();
+        assert_eq!((residual, adds), (2, 0), "{model}");
+        // An Add of a GELU'd output, or of a value read elsewhere too, stays an Add.
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 3, 32])).unwrap();
+        let w = model.add_const("w", Tensor::zero::<f32>(&[32, 32]).unwrap()).unwrap();
+        let b = model.add_const("b", Tensor::zero::<f32>(&[1, 1, 32]).unwrap()).unwrap();
+        let op = EinSum::new("amk,kn->amn".parse().unwrap(), f32::datum_type());
+        let y = model.wire_node("mm", op, &[x, w]).unwrap()[0];
+        let y = model.wire_node("bias", math::add(), &[b, y]).unwrap()[0];
+        let a = model.wire_node("res", math::add(), &[x, y]).unwrap()[0];
+        model.select_output_outlets(&[a, y]).unwrap();
+        fuse(&mut model, Kernel::Scalar).unwrap();
+        assert_eq!(model.nodes.iter().filter(|n| bin(n, "Add").is_some()).count(), 1, "{model}");
     }
 
     #[test]
