@@ -364,8 +364,9 @@ mod avx512 {
         ys.into_remainder().iter_mut().zip(rs.remainder()).for_each(|(y, r)| *y += *r);
     }
 
-    /// `MR_` rows of `y = x . W + bias` for one panel of up to 32 columns (`cols`): `x` at
-    /// row stride `xs`, `y` at row stride `ys`, the panel `w` of `k` x 32 (columns past `cols`
+    /// `MR_` rows of `y = x . W + bias` for one panel of up to `16 * NR` columns (`cols`) in
+    /// `NR` registers a row (1, for a last panel of at most 16 columns, or 2): `x` at row
+    /// stride `xs`, `y` at row stride `ys`, the panel `w` of `k` x 32 (columns past `cols`
     /// are computed but not stored); `bias` null for none.
     ///
     /// # Safety
@@ -375,7 +376,7 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel<const MR_: usize>(
+    unsafe fn kernel<const MR_: usize, const NR: usize>(
         x: *const f32,
         xs: usize,
         k: usize,
@@ -408,9 +409,15 @@ mod avx512 {
                 };
                 for (r, acc) in $acc.iter().enumerate() {
                     let mut v0 = _mm512_add_ps(acc[0], b0);
-                    let mut v1 = _mm512_add_ps(acc[1], b1);
                     if gelu {
                         v0 = gelu16(v0);
+                    }
+                    if NR == 1 {
+                        _mm512_mask_storeu_ps(y.add(r * ys), m0, v0);
+                        continue;
+                    }
+                    let mut v1 = _mm512_add_ps(acc[1], b1);
+                    if gelu {
                         v1 = gelu16(v1);
                     }
                     if cols >= 32 {
@@ -433,6 +440,12 @@ mod avx512 {
             let mut acc = [[_mm512_setzero_ps(); 2]; MR_];
             for kk in 0..k {
                 let w0 = _mm512_loadu_ps(w.add(kk * PANEL));
+                if NR == 1 {
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(*x.add(r * xs + kk)), w0, acc[0]);
+                    }
+                    continue;
+                }
                 let w1 = _mm512_loadu_ps(w.add(kk * PANEL + 16));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let a = _mm512_set1_ps(*x.add(r * xs + kk));
@@ -444,7 +457,9 @@ mod avx512 {
         }
     }
 
-    /// `rows` rows of one panel: [`kernel`] over blocks of [`MR`] rows.
+    /// `rows` rows of one panel: [`kernel`] over blocks of [`MR`] rows, on one register a row
+    /// where the panel has at most 16 columns (a last panel: 129 keys are 4 panels and one
+    /// column).
     ///
     /// # Safety
     /// As [`kernel`], for `rows` rows.
@@ -466,22 +481,34 @@ mod avx512 {
         while r < rows {
             // SAFETY: row `r < rows` of x and y, inside the caller's `rows` rows.
             let (xr, yr) = unsafe { (x.add(r * xs), y.add(r * ys)) };
-            let block = (rows - r).min(MR);
+            let block = match ((rows - r).min(MR), cols <= 16) {
+                // One register a row, for a one-column (or up to 16) last panel: 12, 8, 4 or 1
+                // rows at a time (fewer kernels to build for a rare shape).
+                (12, true) => 12,
+                (8.., true) => 8,
+                (4.., true) => 4,
+                (_, true) => 1,
+                (block, false) => block,
+            };
             // SAFETY: `block` rows from row `r`, `r + block <= rows`: the caller's contract.
             unsafe {
-                match block {
-                    12 => kernel::<12>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    11 => kernel::<11>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    10 => kernel::<10>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    9 => kernel::<9>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    8 => kernel::<8>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    7 => kernel::<7>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    6 => kernel::<6>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    5 => kernel::<5>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    4 => kernel::<4>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    3 => kernel::<3>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    2 => kernel::<2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
-                    _ => kernel::<1>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                match (block, cols <= 16) {
+                    (12, false) => kernel::<12, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (11, false) => kernel::<11, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (10, false) => kernel::<10, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (9, false) => kernel::<9, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (8, false) => kernel::<8, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (7, false) => kernel::<7, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (6, false) => kernel::<6, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (5, false) => kernel::<5, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (4, false) => kernel::<4, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (3, false) => kernel::<3, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (2, false) => kernel::<2, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (_, false) => kernel::<1, 2>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (12, true) => kernel::<12, 1>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (8, true) => kernel::<8, 1>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (4, true) => kernel::<4, 1>(xr, xs, k, w, bias, gelu, yr, ys, cols),
+                    (_, true) => kernel::<1, 1>(xr, xs, k, w, bias, gelu, yr, ys, cols),
                 }
             }
             r += block;
@@ -766,13 +793,13 @@ impl PatchLinear {
                     if self.format.c_is_last() {
                         for ky in 0..kh {
                             let from = ((b * hw[0] + py * kh + ky) * hw[1] + px * kw) * c;
-                            out[ky * kw * c..][..kw * c].copy_from_slice(&x[from..][..kw * c]);
+                            copy_run(&mut out[ky * kw * c..][..kw * c], &x[from..][..kw * c]);
                         }
                     } else {
                         for ch in 0..c {
                             for ky in 0..kh {
                                 let from = ((b * c + ch) * hw[0] + py * kh + ky) * hw[1] + px * kw;
-                                out[(ch * kh + ky) * kw..][..kw].copy_from_slice(&x[from..][..kw]);
+                                copy_run(&mut out[(ch * kh + ky) * kw..][..kw], &x[from..][..kw]);
                             }
                         }
                     }
@@ -781,6 +808,19 @@ impl PatchLinear {
             }
         }
     }
+}
+
+/// `dst = src` (equal lengths) in copies of 8 values the compiler writes inline: a patch row
+/// is 16 values, and `copy_from_slice` of an unknown length calls `memmove` for each.
+#[inline]
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let s: &[f32; 8] = s.try_into().expect("8 values");
+        d.copy_from_slice(s);
+    }
+    d.into_remainder().copy_from_slice(s.remainder());
 }
 
 impl EvalOp for PatchLinear {
@@ -1039,7 +1079,6 @@ fn scores(kernel: Kernel, q: &[f32], k: &[f32], q_shape: &[usize], n: usize, s: 
     split_rows(s, m * n, batch * heads * m * n * d, |first, s| {
         HEAD_PANELS.with_borrow_mut(|buf| {
             let pw = panel_width(kernel);
-            buf.clear();
             buf.resize(n.div_ceil(pw) * d * pw, 0.0);
             for (ix, sh) in s.chunks_exact_mut(m * n).enumerate() {
                 let (a, h) = ((first + ix) / heads, (first + ix) % heads);
@@ -1052,26 +1091,31 @@ fn scores(kernel: Kernel, q: &[f32], k: &[f32], q_shape: &[usize], n: usize, s: 
 }
 
 /// One head of K (`n` rows of `d` values at row stride `stride`, from `k[0]`) transposed into
-/// panels of `pw` columns (one per row of K), `d` rows each; `buf` holds every panel and stays
-/// zero past `n`.
+/// panels of `pw` columns (one per row of K), `d` rows each, zero past `n`: every value of
+/// the first `n.div_ceil(pw)` panels of `buf` is written (no need to clear it first).
 fn pack_transposed(buf: &mut [f32], k: &[f32], stride: usize, n: usize, d: usize, pw: usize) {
     for (p, panel) in buf.chunks_exact_mut(d * pw).take(n.div_ceil(pw)).enumerate() {
-        for c in 0..(n - p * pw).min(pw) {
-            let key = &k[(p * pw + c) * stride..][..d];
-            for (row, &value) in panel.chunks_exact_mut(pw).zip(key) {
-                row[c] = value;
+        let cols = (n - p * pw).min(pw);
+        let keys = &k[p * pw * stride..];
+        for (r, row) in panel.chunks_exact_mut(pw).enumerate() {
+            for (c, value) in row[..cols].iter_mut().enumerate() {
+                *value = keys[c * stride + r];
             }
+            row[cols..].fill(0.0);
         }
     }
 }
 
 /// One head of V (`n` rows of `d` values at row stride `stride`, from `v[0]`) in panels of
-/// `pw` columns, `n` rows each; `buf` holds every panel and stays zero past `d`.
+/// `pw` columns, `n` rows each, zero past `d`: every value of the first `d.div_ceil(pw)`
+/// panels of `buf` is written.
 fn pack_rows(buf: &mut [f32], v: &[f32], stride: usize, n: usize, d: usize, pw: usize) {
     for j in 0..n {
         let row = &v[j * stride..][..d];
         for (p, values) in row.chunks(pw).enumerate() {
-            buf[(p * n + j) * pw..][..values.len()].copy_from_slice(values);
+            let out = &mut buf[(p * n + j) * pw..][..pw];
+            out[..values.len()].copy_from_slice(values);
+            out[values.len()..].fill(0.0);
         }
     }
 }
@@ -1088,7 +1132,6 @@ fn mix(kernel: Kernel, p: &[f32], v: &[f32], p_shape: &[usize], d: usize, o: &mu
     split_rows(o, row, batch * heads * m * k * d, |first, o| {
         HEAD_PANELS.with_borrow_mut(|buf| {
             let pw = panel_width(kernel);
-            buf.clear();
             buf.resize(d.div_ceil(pw) * k * pw, 0.0);
             let (start, end) = (first, first + o.len() / row);
             for a in start / m..end.div_ceil(m) {
@@ -1343,9 +1386,8 @@ fn attend_f32(
     let softmax = RowOp { kind: Kind::Softmax, kernel };
     ATTENTION_BUFFERS.with_borrow_mut(|[k_panels, v_panels, s, mixed]| {
         let pw = panel_width(kernel);
-        k_panels.clear();
+        // (the packs write every value they cover: no clearing)
         k_panels.resize(n.div_ceil(pw) * d * pw, 0.0);
-        v_panels.clear();
         v_panels.resize(dv.div_ceil(pw) * n * pw, 0.0);
         s.resize(ATTENTION_ROWS * n, 0.0);
         mixed.resize(ATTENTION_ROWS * dv, 0.0);
