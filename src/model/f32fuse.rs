@@ -16,7 +16,12 @@
 //! - [`Linear`] (`LinearF32`): `x . W + bias`, and the GELU after fc1, as one op: weights
 //!   packed once at load in panels of 32 columns, an FMA kernel reading the activations in
 //!   place (no packing), bias and GELU applied before the store. Each output is one f32 FMA
-//!   chain over k, then the bias, as in tract's kernel.
+//!   chain over k, then the bias, as in tract's kernel. The residual `Add` that follows the
+//!   attention's output projection and fc2 is folded in as a second input, added to each
+//!   part's rows after the product.
+//! - [`PatchLinear`] (`PatchLinearF32`): a patch-embedding conv (stride = kernel, no padding,
+//!   dilation or groups: MBT's video and audio tokenizers) as the patches copied out as rows
+//!   and one [`Linear`] product, in the conv's output layout.
 //! - [`HeadProduct`] (`AttnScores`, `AttnMix`): attention's per-head products Q . K^T and
 //!   P . V on the same kernel, the second operand packed per head at each call, reading Q
 //!   and P in place and writing the mix straight into the `[tokens, heads, d]` layout.
@@ -1756,6 +1761,11 @@ fn fuse_products(model: &mut TypedModel, kernel: Kernel) -> TractResult<usize> {
     fuse_residuals(model)?;
     fuse_patch_convs(model, kernel)?;
     fuse_head_products(model, kernel)?;
+    if scores_of_sliced_rows(model)? > 0 {
+        // tract moves Q's new slice up to Q's projection, which then takes those rows only.
+        model.declutter()?;
+        linears_of_sliced_rows(model)?;
+    }
     fuse_attention(model, kernel)?;
     Ok(fused_ops(model))
 }
@@ -1782,6 +1792,69 @@ fn fuse_head_products(model: &mut TypedModel, kernel: Kernel) -> TractResult<usi
     patch.apply(model)?;
     model.compact()?;
     Ok(count)
+}
+
+/// Where a `Slice` of query rows (axis 2) is the only reader of an [`HeadProduct`] `Scores`,
+/// computes the scores of those rows only: the slice moves onto Q's token axis. The last
+/// layer of an MBT whose CLS token alone is read (gather.rs) keeps one query row of 133.
+fn scores_of_sliced_rows(model: &mut TypedModel) -> TractResult<usize> {
+    let mut found = vec![];
+    for node in &model.nodes {
+        let Some(slice) = node.op_as::<Slice>() else { continue };
+        let scores = model.node(node.inputs[0].node);
+        let is_scores = scores.op_as::<HeadProduct>().is_some_and(|op| op.heads == Heads::Scores);
+        if is_scores && slice.axis == 2 && only_successor(model, scores, node) {
+            found.push((node.id, scores.id));
+        }
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let mut patch = TypedModelPatch::default();
+    for &(slice_id, scores_id) in &found {
+        let slice = Slice { axis: 1, ..model.node(slice_id).op_as::<Slice>().context("slice")?.clone() };
+        let scores = model.node(scores_id);
+        let q = patch.tap_model(model, scores.inputs[0])?;
+        let k = patch.tap_model(model, scores.inputs[1])?;
+        let q = patch.wire_node(format!("{}.rows", model.node(slice_id).name), slice, &[q])?[0];
+        let out = patch.wire_node(format!("{}.sliced", scores.name), scores.op.clone(), &[q, k])?[0];
+        patch.shunt_outside(model, OutletId::new(slice_id, 0), out)?;
+    }
+    patch.apply(model)?;
+    model.compact()?;
+    Ok(found.len())
+}
+
+/// Where a `Slice` of rows (axis 1) is the only reader of a [`Linear`], runs the product on
+/// those rows of its input (and of its residual) only.
+fn linears_of_sliced_rows(model: &mut TypedModel) -> TractResult<usize> {
+    let mut found = vec![];
+    for node in &model.nodes {
+        let Some(slice) = node.op_as::<Slice>() else { continue };
+        let linear = model.node(node.inputs[0].node);
+        if linear.op_as::<Linear>().is_some() && slice.axis == 1 && only_successor(model, linear, node) {
+            found.push((node.id, linear.id));
+        }
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let mut patch = TypedModelPatch::default();
+    for &(slice_id, linear_id) in &found {
+        let slice = model.node(slice_id).op_as::<Slice>().context("slice")?.clone();
+        let linear = model.node(linear_id);
+        let mut inputs = tvec![];
+        for (ix, outlet) in linear.inputs.iter().enumerate() {
+            let wire = patch.tap_model(model, *outlet)?;
+            let name = format!("{}.rows{ix}", model.node(slice_id).name);
+            inputs.push(patch.wire_node(name, slice.clone(), &[wire])?[0]);
+        }
+        let out = patch.wire_node(format!("{}.sliced", linear.name), linear.op.clone(), &inputs)?[0];
+        patch.shunt_outside(model, OutletId::new(slice_id, 0), out)?;
+    }
+    patch.apply(model)?;
+    model.compact()?;
+    Ok(found.len())
 }
 
 /// Replaces each `AttnScores -> SoftmaxRows -> AttnMix` chain (the scores used by nothing
@@ -2225,6 +2298,8 @@ mod tests {
             ("attention+softmax 2x150 tokens, 3x40", attention_softmax_model(2, 150, 3, 40), 1, 3.0, 1e-5),
             ("attention split at 129 of 133", attention_split_model(133, 4, 32, 129, false), 2, 3.0, 1e-5),
             ("attention split after softmax", attention_split_model(133, 4, 32, 129, true), 2, 3.0, 1e-5),
+            // The CLS query row only: scores of one row, Q's projection of one row.
+            ("scores of one query row", sliced_scores_model(9, 2, 32), 2, 1.0, 1e-5),
             // Patch embeddings: edge-small's video frames (16 patches each) and audio; NHWC with
             // HWIO weights; a size that leaves pixels past the last whole patch.
             (
@@ -2503,6 +2578,38 @@ mod tests {
         let o = residual(&mut model, "res2", a, y);
         model.select_output_outlets(&[o]).unwrap();
         model
+    }
+
+    /// Scores of one query row (a CLS read, gather.rs), then the exp: `x` `[1, m, 2h, d]`
+    /// holds Q and K side by side; Q comes out of a Linear (rows 0..1 kept of it too).
+    fn sliced_scores_model(m: usize, h: usize, d: usize) -> TypedModel {
+        let mut rng = Lcg(31);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, m, h * d])).unwrap();
+        let w: Vec<f32> = (0..h * d * h * d).map(|_| rng.next() * 0.1).collect();
+        let w = model.add_const("w", tensor1(&w).into_shape(&[h * d, h * d]).unwrap()).unwrap();
+        let b = model.add_const("b", tensor1(&vec![0.1f32; h * d]).into_shape(&[1, 1, h * d]).unwrap()).unwrap();
+        let op = EinSum::new("amk,kn->amn".parse().unwrap(), f32::datum_type());
+        let q = model.wire_node("q.mm", op, &[x, w]).unwrap()[0];
+        let q = model.wire_node("q.add", math::add(), &[b, q]).unwrap()[0];
+        let q = model.wire_node("q.heads", AxisOp::Reshape(2, dims(&[h * d]), dims(&[h, d])), &[q]).unwrap()[0];
+        let k = model.wire_node("k.heads", AxisOp::Reshape(2, dims(&[h * d]), dims(&[h, d])), &[x]).unwrap()[0];
+        let qk = EinSum::new("ambk,anbk->abmn".parse().unwrap(), f32::datum_type());
+        let s = model.wire_node("scores", qk, &[q, k]).unwrap()[0];
+        let s = model.wire_node("rows", Slice::new(2, 0, 1), &[s]).unwrap()[0];
+        let s = model.wire_node("exp", ew(math::Exp {}), &[s]).unwrap();
+        model.select_output_outlets(&s).unwrap();
+        model
+    }
+
+    #[test]
+    fn scores_of_one_query_row_take_that_row_of_q_and_of_its_projection() {
+        let mut model = sliced_scores_model(9, 2, 32);
+        fuse(&mut model, Kernel::Scalar).unwrap();
+        let scores = model.nodes.iter().find(|n| n.op_as::<HeadProduct>().is_some()).unwrap();
+        assert_eq!(scores.outputs[0].fact.shape.as_concrete(), Some(&[1, 2, 1, 9][..]), "{model}");
+        let linear = model.nodes.iter().find(|n| n.op_as::<Linear>().is_some()).unwrap();
+        assert_eq!(linear.outputs[0].fact.shape.as_concrete(), Some(&[1, 1, 64][..]), "{model}");
     }
 
     /// Attention's two products as tract declutters them: `x` holds Q, K and V side by side

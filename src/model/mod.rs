@@ -7,6 +7,7 @@
 //! when the CPU lacks it) and `MBT_EDGE_KERNEL=tract` leaves the graph to tract's own kernels.
 
 mod f32fuse;
+mod gather;
 mod gpu_graph;
 mod int8;
 mod kernel;

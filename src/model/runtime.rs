@@ -152,6 +152,27 @@ impl ModelRuntime {
             .into_typed()
             .and_then(|model| model.into_decluttered())
             .map_err(|err| mismatch(format!("tract cannot type the graph: {err:#}")))?;
+        // The CLS token read as a one-row slice, which tract then pushes up into the last
+        // layer (gather.rs): that layer runs its tail for one row instead of every token.
+        if backend.name() == "cpu" {
+            let mut sliced = typed.clone();
+            match super::gather::gathers_as_slices(&mut sliced).and_then(|count| {
+                if count > 0 {
+                    sliced.declutter()?;
+                    while super::gather::slices_through_products(&mut sliced)? > 0 {
+                        sliced.declutter()?;
+                    }
+                }
+                Ok(count)
+            }) {
+                Ok(0) => {}
+                Ok(count) => {
+                    tracing::debug!(count, "gathers of one index as slices");
+                    typed = sliced;
+                }
+                Err(err) => tracing::warn!("gathers left as they are: {err:#}"),
+            }
+        }
         // The int8 weight matmuls of a quantised model as one fused op per input (int8.rs), on
         // AMX tiles, VNNI (`vpdpbusd`, 512 or 256 bits) or AVX2 (`vpmaddwd`); a graph without
         // them (any f32 model) is left as it is.
