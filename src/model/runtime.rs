@@ -159,7 +159,11 @@ impl ModelRuntime {
             match super::gather::gathers_as_slices(&mut sliced).and_then(|count| {
                 if count > 0 {
                     sliced.declutter()?;
-                    while super::gather::slices_through_products(&mut sliced)? > 0 {
+                    // Each round moves slices upstream; a few rounds reach the projections.
+                    for _ in 0..8 {
+                        if super::gather::slices_through_products(&mut sliced)? == 0 {
+                            break;
+                        }
                         sliced.declutter()?;
                     }
                 }
