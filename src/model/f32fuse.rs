@@ -548,8 +548,6 @@ const PANEL: usize = 32;
 #[cfg(target_arch = "x86_64")]
 const MR: usize = 12;
 
-/// Columns per packed panel of weights on `kernel`'s path: 16 (two ymm registers) on AVX2,
-/// [`PANEL`] elsewhere. Whoever packs a panel and whoever reads it ask this of the same kernel.
 /// `y += r`, on the AVX-512 path where `kernel` is it.
 fn add_into(kernel: Kernel, y: &mut [f32], r: &[f32]) {
     assert_eq!(y.len(), r.len());
@@ -561,6 +559,8 @@ fn add_into(kernel: Kernel, y: &mut [f32], r: &[f32]) {
     }
 }
 
+/// Columns per packed panel of weights on `kernel`'s path: 16 (two ymm registers) on AVX2,
+/// [`PANEL`] elsewhere. Whoever packs a panel and whoever reads it ask this of the same kernel.
 fn panel_width(kernel: Kernel) -> usize {
     match kernel.f32_path() {
         Kernel::Avx2 => 16,
@@ -1798,63 +1798,19 @@ fn fuse_head_products(model: &mut TypedModel, kernel: Kernel) -> TractResult<usi
 /// computes the scores of those rows only: the slice moves onto Q's token axis. The last
 /// layer of an MBT whose CLS token alone is read (gather.rs) keeps one query row of 133.
 fn scores_of_sliced_rows(model: &mut TypedModel) -> TractResult<usize> {
-    let mut found = vec![];
-    for node in &model.nodes {
-        let Some(slice) = node.op_as::<Slice>() else { continue };
-        let scores = model.node(node.inputs[0].node);
+    super::gather::move_slices_onto_inputs(model, |scores, slice| {
         let is_scores = scores.op_as::<HeadProduct>().is_some_and(|op| op.heads == Heads::Scores);
-        if is_scores && slice.axis == 2 && only_successor(model, scores, node) {
-            found.push((node.id, scores.id));
-        }
-    }
-    if found.is_empty() {
-        return Ok(0);
-    }
-    let mut patch = TypedModelPatch::default();
-    for &(slice_id, scores_id) in &found {
-        let slice = Slice { axis: 1, ..model.node(slice_id).op_as::<Slice>().context("slice")?.clone() };
-        let scores = model.node(scores_id);
-        let q = patch.tap_model(model, scores.inputs[0])?;
-        let k = patch.tap_model(model, scores.inputs[1])?;
-        let q = patch.wire_node(format!("{}.rows", model.node(slice_id).name), slice, &[q])?[0];
-        let out = patch.wire_node(format!("{}.sliced", scores.name), scores.op.clone(), &[q, k])?[0];
-        patch.shunt_outside(model, OutletId::new(slice_id, 0), out)?;
-    }
-    patch.apply(model)?;
-    model.compact()?;
-    Ok(found.len())
+        (is_scores && slice.axis == 2).then(|| tvec![Some(Slice { axis: 1, ..slice.clone() }), None])
+    })
 }
 
 /// Where a `Slice` of rows (axis 1) is the only reader of a [`Linear`], runs the product on
 /// those rows of its input (and of its residual) only.
 fn linears_of_sliced_rows(model: &mut TypedModel) -> TractResult<usize> {
-    let mut found = vec![];
-    for node in &model.nodes {
-        let Some(slice) = node.op_as::<Slice>() else { continue };
-        let linear = model.node(node.inputs[0].node);
-        if linear.op_as::<Linear>().is_some() && slice.axis == 1 && only_successor(model, linear, node) {
-            found.push((node.id, linear.id));
-        }
-    }
-    if found.is_empty() {
-        return Ok(0);
-    }
-    let mut patch = TypedModelPatch::default();
-    for &(slice_id, linear_id) in &found {
-        let slice = model.node(slice_id).op_as::<Slice>().context("slice")?.clone();
-        let linear = model.node(linear_id);
-        let mut inputs = tvec![];
-        for (ix, outlet) in linear.inputs.iter().enumerate() {
-            let wire = patch.tap_model(model, *outlet)?;
-            let name = format!("{}.rows{ix}", model.node(slice_id).name);
-            inputs.push(patch.wire_node(name, slice.clone(), &[wire])?[0]);
-        }
-        let out = patch.wire_node(format!("{}.sliced", linear.name), linear.op.clone(), &inputs)?[0];
-        patch.shunt_outside(model, OutletId::new(slice_id, 0), out)?;
-    }
-    patch.apply(model)?;
-    model.compact()?;
-    Ok(found.len())
+    super::gather::move_slices_onto_inputs(model, |linear, slice| {
+        let rows = linear.op_as::<Linear>().is_some() && slice.axis == 1;
+        rows.then(|| linear.inputs.iter().map(|_| Some(slice.clone())).collect())
+    })
 }
 
 /// Replaces each `AttnScores -> SoftmaxRows -> AttnMix` chain (the scores used by nothing

@@ -51,39 +51,52 @@ pub fn gathers_as_slices(model: &mut TypedModel) -> TractResult<usize> {
 /// into Q's projection), instead of every row's scores computed and most dropped. Returns
 /// how many; the caller declutters again.
 pub fn slices_through_products(model: &mut TypedModel) -> TractResult<usize> {
+    move_slices_onto_inputs(model, |product, slice| {
+        let einsum = product.op_as::<EinSum>().filter(|op| op.q_params.is_none())?;
+        let axis = einsum.axes.axis((InOut::Out(0), slice.axis)).ok()?;
+        let carriers: Vec<usize> = (0..product.inputs.len()).filter(|&i| !axis.inputs[i].is_empty()).collect();
+        let [input] = carriers[..] else { return None };
+        let ([at], [_]) = (&axis.inputs[input][..], &axis.outputs[0][..]) else { return None };
+        let sliced = Slice { axis: *at, ..slice.clone() };
+        Some((0..product.inputs.len()).map(|i| (i == input).then(|| sliced.clone())).collect())
+    })
+}
+
+/// Where a `Slice` is the only reader of the one output of a node, and `onto(node, slice)`
+/// gives for each of the node's inputs the slice that takes its part (None: the input as it
+/// is), runs the node's op on those slices of its inputs instead, and the slice goes.
+/// Returns how many; tract's declutter can then move the new slices further up.
+pub fn move_slices_onto_inputs(
+    model: &mut TypedModel,
+    onto: impl Fn(&TypedNode, &Slice) -> Option<TVec<Option<Slice>>>,
+) -> TractResult<usize> {
+    let outputs = model.output_outlets()?.to_vec();
     let mut found = vec![];
     for node in &model.nodes {
         let Some(slice) = node.op_as::<Slice>() else { continue };
         let product = model.node(node.inputs[0].node);
-        let Some(einsum) = product.op_as::<EinSum>() else { continue };
-        let readers = &product.outputs[0].successors;
-        if einsum.q_params.is_some() || readers.len() != 1 || model.output_outlets()?.contains(&node.inputs[0]) {
+        let only_reader = product.outputs.len() == 1 && product.outputs[0].successors.len() == 1;
+        if !only_reader || outputs.contains(&node.inputs[0]) {
             continue;
         }
-        let axis = einsum.axes.axis((InOut::Out(0), slice.axis))?;
-        let carriers: Vec<usize> = (0..product.inputs.len()).filter(|&i| !axis.inputs[i].is_empty()).collect();
-        if let [input] = carriers[..]
-            && axis.inputs[input].len() == 1
-            && axis.outputs[0].len() == 1
-        {
-            found.push((node.id, product.id, input, axis.inputs[input][0]));
+        if let Some(slices) = onto(product, slice).filter(|slices| slices.len() == product.inputs.len()) {
+            found.push((node.id, product.id, slices));
         }
     }
     let mut patch = TypedModelPatch::default();
-    for &(slice_id, product_id, input, at) in &found {
-        let slice = model.node(slice_id).op_as::<Slice>().context("slice")?.clone();
-        let product = model.node(product_id);
+    for (slice_id, product_id, slices) in &found {
+        let product = model.node(*product_id);
         let mut inputs = tvec![];
-        for (ix, outlet) in product.inputs.iter().enumerate() {
+        for (ix, (outlet, slice)) in product.inputs.iter().zip(slices).enumerate() {
             let mut wire = patch.tap_model(model, *outlet)?;
-            if ix == input {
-                let op = Slice { axis: at, ..slice.clone() };
-                wire = patch.wire_node(format!("{}.input{ix}", model.node(slice_id).name), op, &[wire])?[0];
+            if let Some(slice) = slice {
+                let name = format!("{}.input{ix}", model.node(*slice_id).name);
+                wire = patch.wire_node(name, slice.clone(), &[wire])?[0];
             }
             inputs.push(wire);
         }
         let out = patch.wire_node(format!("{}.sliced", product.name), product.op.clone(), &inputs)?[0];
-        patch.shunt_outside(model, OutletId::new(slice_id, 0), out)?;
+        patch.shunt_outside(model, OutletId::new(*slice_id, 0), out)?;
     }
     if !found.is_empty() {
         patch.apply(model)?;
